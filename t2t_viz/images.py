@@ -1,0 +1,150 @@
+"""Reading images the way a user expects, and preprocessing them the way each model was trained."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Iterable, Iterator, List, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from timm.data import create_transform
+
+__all__ = ['ImageError', 'MAX_PIXELS', 'load_image', 'image_hash', 'find_images', 'preprocess',
+           'check_input_size', 'IMAGE_EXTENSIONS']
+
+MAX_PIXELS = 64_000_000  # larger images are refused as possible decompression bombs
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif', '.tiff')
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the file and the reason."""
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with transparency composited on white, 16-bit/float rescaled (not clipped), CMYK converted."""
+    if image.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
+        array = np.asarray(image, dtype=np.float64)
+        low, high = np.nanmin(array), np.nanmax(array)
+        scaled = (array - low) / (high - low) * 255 if high > low else np.zeros_like(array)
+        image = Image.fromarray(np.nan_to_num(scaled).round().astype(np.uint8), 'L')
+    if image.mode == 'P':
+        image = image.convert('RGBA')
+    if image.mode in ('RGBA', 'LA', 'PA', 'La', 'RGBa'):
+        rgba = image.convert('RGBA')
+        background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert('RGB')
+
+
+def load_image(source: Union[str, os.PathLike, bytes], name: str | None = None,
+               max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open any image Pillow reads (first frame of animations), EXIF-rotated, as RGB.
+
+    ``source`` is a path or the file's bytes (``name`` then labels errors). Raises ImageError.
+    """
+    label = name or (os.fspath(source) if not isinstance(source, bytes) else 'uploaded image')
+    data = io.BytesIO(source) if isinstance(source, bytes) else source
+    previous_limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        with warnings.catch_warnings():
+            warnings.simplefilter('error', Image.DecompressionBombWarning)
+            with Image.open(data) as image:
+                if image.width * image.height > max_pixels:
+                    raise ImageError(f'{label}: {image.width}x{image.height} pixels is over the limit of '
+                                     f'{max_pixels:,} (possible decompression bomb)')
+                image.seek(0)
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                return _to_rgb(image)
+    except ImageError:
+        raise
+    except FileNotFoundError as e:
+        raise ImageError(f'{label}: no such file') from e
+    except IsADirectoryError as e:
+        raise ImageError(f'{label}: is a folder, not an image') from e
+    except UnidentifiedImageError as e:
+        raise ImageError(f'{label}: not an image Pillow can read') from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f'{label}: too many pixels (possible decompression bomb): {e}') from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f'{label}: corrupt or truncated image ({e})') from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous_limit
+
+
+def image_hash(image: Image.Image) -> str:
+    """Content hash of the decoded pixels, for caching results per image."""
+    digest = hashlib.sha1(image.tobytes())
+    digest.update(repr(image.size).encode())
+    return digest.hexdigest()[:16]
+
+
+def find_images(paths: Iterable[Union[str, os.PathLike]]) -> Iterator[Path]:
+    """Files named directly, and image files found recursively in folders (sorted)."""
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            yield path
+
+
+def check_input_size(img_size: int, model_name: str, available_bytes: int | None = None) -> None:
+    """Refuse an input size that is not a multiple of 16, or whose activations would not fit in memory."""
+    if img_size < 32 or img_size % 16:
+        raise ImageError(f'input size {img_size} must be a multiple of 16 (at least 32)')
+    estimate = estimate_memory_bytes(img_size, model_name)
+    if available_bytes is None:
+        available_bytes = _available_memory_bytes()
+    if estimate > available_bytes:
+        raise ImageError(
+            f'input size {img_size} for {model_name} needs about {estimate / 2**30:.1f} GiB for one image, '
+            f'but only {available_bytes / 2**30:.1f} GiB is available; choose a smaller size')
+
+
+def estimate_memory_bytes(img_size: int, model_name: str) -> int:
+    """Rough peak bytes of one forward pass with capture at ``img_size`` (float32).
+
+    Dominated, for token models, by full attention matrices (heads x N x N); for T2T Transformer layers N
+    is the 1st soft split's token count, (img_size / 4)^2, so memory is quadratic in it.
+    """
+    stride = 4 if model_name.startswith('t2t_vit') else 16
+    n_first = (img_size // stride) ** 2
+    pixels = img_size * img_size
+    base = 4 * pixels * 3 * 200  # activations kept for display, all layers, with headroom
+    if model_name.startswith('t2t_vit_t'):
+        attention = 4 * n_first * n_first  # one head, materialised when no fused kernel applies
+    elif model_name.startswith(('vit_', 't2t_vit')):
+        heads = 16
+        n_tokens = (img_size // 16) ** 2
+        attention = 4 * heads * n_tokens * n_tokens
+    else:
+        attention = 0
+    return int(base + attention)
+
+
+def _available_memory_bytes() -> int:
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+def preprocess(image: Image.Image, data_config: dict) -> torch.Tensor:
+    """(1, 3, H, W) tensor with the model's own resize, crop, mean and std."""
+    transform = create_transform(**{k: v for k, v in data_config.items()
+                                    if k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')})
+    return transform(image).unsqueeze(0)
+
+
+def preprocess_batch(images: List[Image.Image], data_config: dict) -> torch.Tensor:
+    return torch.cat([preprocess(image, data_config) for image in images])

@@ -1,0 +1,109 @@
+"""Channel grids and overlays as RGB arrays (PNG on disk for the CLI, images in the app)."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .stats import LayerSummary
+
+__all__ = ['DEAD_COLOR', 'MASSIVE_COLOR', 'FLAT_COLOR', 'normalize_channels', 'order_channels', 'channel_grid',
+           'colorize', 'overlay', 'save_png']
+
+DEAD_COLOR = (230, 25, 25)
+MASSIVE_COLOR = (255, 170, 0)
+FLAT_COLOR = (60, 120, 255)
+_VIRIDIS_STOPS = ['#440154', '#482878', '#3e4989', '#31688e', '#26828e', '#1f9e89', '#35b779', '#6ece58',
+                  '#b5de2b', '#fde725']
+
+
+def _viridis_lut() -> np.ndarray:
+    stops = np.array([[int(c[i:i + 2], 16) for i in (1, 3, 5)] for c in _VIRIDIS_STOPS], dtype=np.float64)
+    positions = np.linspace(0, 1, len(stops))
+    grid = np.linspace(0, 1, 256)
+    return np.stack([np.interp(grid, positions, stops[:, k]) for k in range(3)], axis=1).round().astype(np.uint8)
+
+
+_LUT = _viridis_lut()
+
+
+def normalize_channels(fmap: torch.Tensor) -> np.ndarray:
+    """Each channel of (C, H, W) scaled to [0, 1] by its own min and max; constant channels become 0.
+
+    A dead (all-zero) or flat channel has max == min: it is drawn at 0, never divided by zero.
+    """
+    values = fmap.float().reshape(fmap.shape[0], -1)
+    low = values.amin(dim=1, keepdim=True)
+    spread = values.amax(dim=1, keepdim=True) - low
+    safe = torch.where(spread > 0, spread, torch.ones_like(spread))
+    scaled = torch.where(spread > 0, (values - low) / safe, torch.zeros_like(values))
+    return scaled.reshape(fmap.shape).numpy()
+
+
+def colorize(unit: np.ndarray) -> np.ndarray:
+    """(H, W) values in [0, 1] -> (H, W, 3) uint8 viridis."""
+    return _LUT[np.clip((unit * 255).round(), 0, 255).astype(np.uint8)]
+
+
+def order_channels(summary: LayerSummary, sort: str = 'index', flagged_only: bool = False,
+                   limit: Optional[int] = None) -> List[int]:
+    """Channel ids to show: by index, or by max |x| / mean (largest first); optionally flagged only."""
+    ids = list(range(summary.channels))
+    if flagged_only:
+        flagged = set(summary.dead_ids) | set(summary.massive_ids) | set(summary.flat_ids)
+        ids = [i for i in ids if i in flagged]
+    if sort == 'max':
+        ids.sort(key=lambda i: -float(summary.stats.max_abs[i]))
+    elif sort == 'mean':
+        ids.sort(key=lambda i: -float(summary.stats.mean[i]))
+    elif sort != 'index':
+        raise ValueError(f"sort must be 'index', 'max' or 'mean', not {sort!r}")
+    return ids[:limit] if limit else ids
+
+
+def channel_grid(fmap: torch.Tensor, summary: Optional[LayerSummary] = None, channels: Optional[Sequence[int]] = None,
+                 columns: Optional[int] = None, cell: Optional[int] = None, border: int = 2) -> np.ndarray:
+    """One composite RGB image of the chosen channels of a (C, H, W) map.
+
+    Each channel is scaled by its own range (constant ones drawn dark) and framed: red for dead, orange for
+    massive, blue for flat, dark grey otherwise.
+    """
+    channels = list(range(fmap.shape[0])) if channels is None else list(channels)
+    if not channels:
+        return np.full((cell or 32, cell or 32, 3), 255, dtype=np.uint8)
+    height, width = fmap.shape[1:]
+    if cell is None:
+        cell = int(min(96, max(32, max(height, width))))
+    scale = cell / max(height, width)
+    cell_h, cell_w = max(1, round(height * scale)), max(1, round(width * scale))
+    columns = columns or max(1, math.ceil(math.sqrt(len(channels) * cell_h / cell_w)))
+    rows = math.ceil(len(channels) / columns)
+    pitch_h, pitch_w = cell_h + 2 * border + 2, cell_w + 2 * border + 2
+    canvas = np.full((rows * pitch_h, columns * pitch_w, 3), 255, dtype=np.uint8)
+    unit = normalize_channels(fmap[channels])
+    dead = set(summary.dead_ids) if summary else set()
+    massive = set(summary.massive_ids) if summary else set()
+    flat = set(summary.flat_ids) if summary else set()
+    for slot, channel in enumerate(channels):
+        tile = colorize(unit[slot])
+        tile = np.asarray(Image.fromarray(tile).resize((cell_w, cell_h), Image.NEAREST))
+        frame = DEAD_COLOR if channel in dead else MASSIVE_COLOR if channel in massive else \
+            FLAT_COLOR if channel in flat else (90, 90, 90)
+        top, left = (slot // columns) * pitch_h + 1, (slot % columns) * pitch_w + 1
+        canvas[top:top + cell_h + 2 * border, left:left + cell_w + 2 * border] = frame
+        canvas[top + border:top + border + cell_h, left + border:left + border + cell_w] = tile
+    return canvas
+
+
+def overlay(channel_map: torch.Tensor, image: Image.Image, alpha: float = 0.5) -> np.ndarray:
+    """(H, W) map resized onto the (RGB) image and blended, as (H_img, W_img, 3) uint8."""
+    unit = normalize_channels(channel_map.unsqueeze(0))[0]
+    heat = Image.fromarray(colorize(unit)).resize(image.size, Image.BILINEAR)
+    return np.asarray(Image.blend(image.convert('RGB'), heat, alpha))
+
+
+def save_png(array: np.ndarray, path: str) -> None:
+    Image.fromarray(array).save(path, format='PNG')
