@@ -1,8 +1,8 @@
 """One forward pass -> every inspectable layer as a (C, H, W) feature map.
 
 Hooks are registered per call and always removed (``finally``). A model is shared by many sessions, so
-the hooks themselves hold no per-request state: each call publishes its recorder in a ContextVar, and a
-hook only records into the recorder of the thread (context) that is running the forward pass. Two
+each call publishes its recorder in a ContextVar, and a hook records only when the forward pass runs in
+the context of the call that registered it. Two
 threads capturing the same model at once therefore each get only their own activations.
 """
 from __future__ import annotations
@@ -157,10 +157,10 @@ def layer_points(model: nn.Module, height: int, width: int, mlp_hidden: bool = F
     return None
 
 
-def _hook(module_name: str, module: nn.Module, inputs, output) -> None:
+def _hook(owner: '_Recorder', module_name: str, module: nn.Module, inputs, output) -> None:
     recorder = _active_recorder.get()
-    if recorder is None:
-        return  # another caller's forward pass, or no capture running in this context
+    if recorder is not owner:
+        return  # a hook of another capture, or a forward pass of another caller
     point = recorder.points.get(module_name)
     if point is not None:
         recorder.outputs.append((point, recorder.store(point.to_map(output))))
@@ -202,7 +202,7 @@ def run(
     try:
         with _hook_registry_lock:
             for point in points:
-                hook = functools.partial(_hook, point.module_name)
+                hook = functools.partial(_hook, recorder, point.module_name)
                 handles.append(modules[point.module_name].register_forward_hook(hook))
         with torch.inference_mode():
             logits = model(x.to(next(model.parameters()).device))

@@ -229,14 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None, out: TextIO = sys.stdout) -> int:
+def main(argv: Optional[List[str]] = None, out: Optional[TextIO] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, 'batch_size', 1) < 1:
         parser.error('--batch-size must be at least 1')
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format='%(message)s')
     try:
-        return args.run(args, out)
+        return args.run(args, out or sys.stdout)
     except UserError as e:
         sys.stderr.write(f'error: {e}\n')
         return 2

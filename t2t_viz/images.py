@@ -70,7 +70,8 @@ def load_image(source: Union[str, os.PathLike, bytes], name: str | None = None,
     except UnidentifiedImageError as e:
         raise ImageError(f'{label}: not an image Pillow can read') from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f'{label}: too many pixels (possible decompression bomb): {e}') from e
+        raise ImageError(f'{label}: too many pixels, over the limit of {max_pixels:,} '
+                         '(possible decompression bomb)') from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f'{label}: corrupt or truncated image ({e})') from e
     finally:
