@@ -1,0 +1,1 @@
+"""Streamlit UI (the only part of the package that imports streamlit)."""
