@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from . import zoo
-from .images import ImageError, check_input_size, find_images, load_image, preprocess
+from .images import ImageError, find_images, load_image, preprocess
 from .models import T2TViT
 from .pipeline import ModelResult, inspect_images
 from .render import channel_grid, order_channels, save_png
@@ -57,15 +57,10 @@ def _load_models(args: argparse.Namespace, names: Sequence[str]) -> Dict[str, Lo
         raise UserError(f"--checkpoint names {sorted(unknown)}, which are not among the models {list(names)}")
     loaded = {}
     for name in names:
-        if args.img_size:
-            try:
-                check_input_size(args.img_size, name)
-            except ImageError as e:
-                raise UserError(str(e)) from e
         try:
             loaded[name] = zoo.load(name, checkpoint=checkpoints.get(name), img_size=args.img_size,
                                     device=args.device)
-        except zoo.WeightsError as e:
+        except (zoo.WeightsError, ImageError) as e:
             raise UserError(str(e)) from e
         sys.stderr.write(f'{name}: {loaded[name].weights.describe()}\n')
     return loaded
@@ -83,6 +78,7 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
         raise UserError('no image files found in ' + ', '.join(args.paths))
     loaded = _load_models(args, args.model or list(zoo.DEFAULT_MODELS))
     counter = DeadChannelCounter() if args.per_channel else None
+    thresholds = _thresholds(args)
     failed = 0
     with open(args.output, 'w', newline='') as csv_file:
         write_csv([], csv_file)
@@ -100,7 +96,7 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
                 continue
             for name, model in loaded.items():
                 for path, result in zip(batch_paths, inspect_images(
-                        model, images, _thresholds(args), mlp_hidden=args.mlp_hidden)):
+                        model, images, thresholds, mlp_hidden=args.mlp_hidden)):
                     write_csv(result.rows(path), csv_file, header=False)
                     if counter:
                         for summary in result.summaries:

@@ -19,6 +19,7 @@ import timm
 import torch
 from timm.data import resolve_data_config
 
+from .images import check_input_size
 from .models import CheckpointError
 
 __all__ = [
@@ -154,6 +155,16 @@ def _create(arch: str, tag: str, pretrained: bool, img_size: Optional[int], **kw
     return timm.create_model(f'{arch}.{tag}' if tag else arch, pretrained=pretrained, **kwargs)
 
 
+def _create_from_file(arch: str, tag: str, img_size: Optional[int], path: str) -> torch.nn.Module:
+    """Build with the weights of a local file (checkpoints/, --checkpoint or timm's cache); errors name it."""
+    try:
+        return _create(arch, tag, True, img_size, pretrained_cfg_overlay=_file_overlay(arch, path))
+    except CheckpointError as e:
+        raise WeightsError(str(e)) from e
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        raise WeightsError(f'{path}: not usable weights for {arch} ({str(e).splitlines()[0]})') from e
+
+
 def _supports_img_size(arch: str) -> bool:
     return arch.startswith(('vit_', 't2t_vit', 'deit', 'eva', 'beit'))
 
@@ -166,44 +177,40 @@ def load(
         allow_download: bool = True,
         checkpoint_dir: Path = CHECKPOINT_DIR,
 ) -> LoadedModel:
-    """Build ``name`` in eval mode on ``device`` with the best weights available (see module doc)."""
+    """Build ``name`` in eval mode on ``device`` with the best weights available (see module doc).
+
+    Raises WeightsError for unusable weights and ImageError for an input size that is not a multiple of 16
+    or would not fit in memory.
+    """
     arch, tag = _split_name(name)
     if not timm.is_model(arch):
         raise WeightsError(f'unknown model {name!r} (not in timm and not a T2T-ViT variant)')
+    if img_size:
+        check_input_size(img_size, arch)
     torch_device = resolve_device(device)
     size = img_size if img_size and _supports_img_size(arch) else None
     cfg = _pretrained_cfg(name)
 
-    explicit = [Path(checkpoint)] if checkpoint else []
-    found = explicit or [p for p in checkpoint_candidates(name, checkpoint_dir) if p.is_file()][:1]
-    if explicit and not explicit[0].is_file():
-        raise WeightsError(f'{checkpoint}: no such checkpoint file')
-    if found:
-        path = str(found[0])
-        try:
-            model = _create(arch, tag, True, size, pretrained_cfg_overlay=_file_overlay(arch, path))
-        except CheckpointError as e:
-            raise WeightsError(str(e)) from e
-        except (RuntimeError, ValueError, KeyError, OSError) as e:
-            raise WeightsError(f'{path}: not usable weights for {arch} ({str(e).splitlines()[0]})') from e
-        weights = WeightsInfo('file', True, path)
+    if checkpoint:
+        if not Path(checkpoint).is_file():
+            raise WeightsError(f'{checkpoint}: no such checkpoint file')
+        weights = WeightsInfo('file', True, checkpoint)
     else:
-        cached = _cached_file(cfg)
-        if cached:
-            model = _create(arch, tag, True, size, pretrained_cfg_overlay=_file_overlay(arch, cached))
-            weights = WeightsInfo('cache', True, cached)
-        elif allow_download and _is_online(cfg):
-            timm.models.set_pretrained_download_progress(True)
-            model = _create(arch, tag, True, size)
-            weights = WeightsInfo('download', True, cfg.hf_hub_id or cfg.url)
-        else:
-            model = _create(arch, tag, False, size)
-            reason = 'no checkpoint file, no cached download, and the machine is offline' if cfg else \
-                'no pretrained weights are known for this model'
-            weights = WeightsInfo('random', False, note=(
-                f'{reason}; put the file in checkpoints/ (see checkpoints/README.md) or run '
-                '`python -m t2t_viz weights --download`'))
-            _logger.info('%s: %s', name, weights.describe())
+        weights = weights_status(name, checkpoint_dir)
+    if weights.trained:
+        model = _create_from_file(arch, tag, size, weights.location)
+    elif allow_download and _is_online(cfg):
+        timm.models.set_pretrained_download_progress(True)
+        model = _create(arch, tag, True, size)
+        weights = WeightsInfo('download', True, cfg.hf_hub_id or cfg.url)
+    else:
+        model = _create(arch, tag, False, size)
+        reason = 'no checkpoint file, no cached download, and the machine is offline' if cfg else \
+            'no pretrained weights are known for this model'
+        weights = WeightsInfo('random', False, note=(
+            f'{reason}; put the file in checkpoints/ (see checkpoints/README.md) or run '
+            '`python -m t2t_viz weights --download`'))
+        _logger.info('%s: %s', name, weights.describe())
     model = model.eval().to(torch_device)
     data_config = resolve_data_config(model=model)
     if img_size:

@@ -13,7 +13,7 @@ from PIL import Image
 from skimage import data as samples
 
 from .. import zoo
-from ..images import ImageError, check_input_size, image_hash, load_image
+from ..images import ImageError, image_hash, load_image
 from ..models import T2T_VIT_VARIANTS
 from ..pipeline import ModelResult, inspect_images
 from ..render import channel_grid, order_channels, overlay
@@ -86,7 +86,6 @@ def _run_models(settings: dict) -> Dict[str, ModelResult]:
     key = image_hash(image)
     for name in settings['models']:
         try:
-            check_input_size(settings['img_size'], name)
             with st.spinner(f'Loading {name} and running it on the image...'):
                 loaded = _load_model(name, settings['img_size'], settings['device'])
                 results[name] = _inspect(key, name, settings['img_size'], settings['device'],
