@@ -2,8 +2,8 @@
 
 Hooks are registered per call and always removed (``finally``). A model is shared by many sessions, so
 each call publishes its recorder in a ContextVar, and a hook records only when the forward pass runs in
-the context of the call that registered it. Two
-threads capturing the same model at once therefore each get only their own activations.
+the context of the call that registered it. Two threads capturing the same model at once therefore each
+get only their own activations.
 """
 from __future__ import annotations
 
@@ -77,9 +77,15 @@ class _Point:
 
 @dataclass
 class _Recorder:
+    """What one capture call records, in forward order."""
     points: Dict[str, _Point]
-    store: Callable[[torch.Tensor], torch.Tensor]
+    store: Callable[[torch.Tensor, bool], torch.Tensor]
     outputs: List[Tuple[_Point, torch.Tensor]] = field(default_factory=list)
+
+    def record(self, point: _Point, output: torch.Tensor) -> None:
+        fmap = point.to_map(output)
+        shares_output = fmap.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
+        self.outputs.append((point, self.store(fmap, shares_output)))
 
 
 def _tokens_to_map(grid: Tuple[int, int], prefix: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -163,16 +169,18 @@ def _hook(owner: '_Recorder', module_name: str, module: nn.Module, inputs, outpu
         return  # a hook of another capture, or a forward pass of another caller
     point = recorder.points.get(module_name)
     if point is not None:
-        recorder.outputs.append((point, recorder.store(point.to_map(output))))
+        recorder.record(point, output)
 
 
-def _storer(dtype: torch.dtype, max_side: Optional[int]) -> Callable[[torch.Tensor], torch.Tensor]:
-    def store(fmap: torch.Tensor) -> torch.Tensor:
+def _storer(dtype: torch.dtype, max_side: Optional[int]) -> Callable[[torch.Tensor, bool], torch.Tensor]:
+    def store(fmap: torch.Tensor, shares_output: bool) -> torch.Tensor:
         fmap = fmap.detach()
         if max_side and max(fmap.shape[-2:]) > max_side:
             fmap = torch.nn.functional.adaptive_avg_pool2d(fmap.float(), max_side)
-        # always a copy: in-place ops (ReLU(inplace=True)) must not change what was recorded
-        return fmap.to(device='cpu', dtype=dtype, copy=True)
+            shares_output = False
+        # a map that is still the module's own memory is copied: later in-place ops (ReLU(inplace=True))
+        # must not change what was recorded; maps already rebuilt from tokens are not copied twice
+        return fmap.to(device='cpu', dtype=dtype, copy=shares_output)
     return store
 
 
@@ -233,4 +241,4 @@ def _run_intermediates(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) ->
     store = _storer(dtype, None)
     point = [_Point(f'intermediates.{i}', 'intermediate', f'stage {i + 1}', _identity_map)
              for i in range(len(intermediates))]
-    return _split_per_image([(p, store(t)) for p, t in zip(point, intermediates)], logits, x)
+    return _split_per_image([(p, store(t, True)) for p, t in zip(point, intermediates)], logits, x)
