@@ -73,6 +73,7 @@ class _Point:
     kind: str
     label: str
     to_map: Callable[[torch.Tensor], torch.Tensor]  # module output -> (B, C, H, W)
+    written_later: bool = True  # False only where the model is known never to modify this output in place
 
 
 @dataclass
@@ -85,7 +86,7 @@ class _Recorder:
     def record(self, point: _Point, output: torch.Tensor) -> None:
         fmap = point.to_map(output)
         shares_output = fmap.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
-        self.outputs.append((point, self.store(fmap, shares_output)))
+        self.outputs.append((point, self.store(fmap, shares_output and point.written_later)))
 
 
 def _tokens_to_map(grid: Tuple[int, int], prefix: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -102,16 +103,32 @@ def _identity_map(x: torch.Tensor) -> torch.Tensor:
 
 
 def _resnet_points(model: nn.Module) -> List[_Point]:
+    written_later = not _is_standard_timm_resnet(model)
     points = []
     conv_number = 0
     for name, module in model.named_modules():
         if isinstance(module, nn.ReLU) and (name == 'act1' or re.fullmatch(r'layer\d+\.\d+\.act\d+', name)):
             conv_number += 1  # every ReLU on the main path follows exactly one conv
-            points.append(_Point(name, 'stem' if name == 'act1' else 'relu', f'conv{conv_number}', _identity_map))
+            kind = 'stem' if name == 'act1' else 'relu'
+            points.append(_Point(name, kind, f'conv{conv_number}', _identity_map, written_later))
         elif re.fullmatch(r'layer\d+', name):
-            points.append(_Point(name, 'stage', name, _identity_map))
+            points.append(_Point(name, 'stage', name, _identity_map, written_later))
     # a stage's output fires after its last ReLU: order them by forward execution (the recorder's order)
     return points
+
+
+def _is_standard_timm_resnet(model: nn.Module) -> bool:
+    """timm's ResNet built from its own blocks, whose forward passes never write into a ReLU's output.
+
+    A block's in-place ``x += shortcut`` writes into its fresh conv/norm branch and only reads the block
+    input; the stem ReLU feeds a pooling layer and the stage outputs feed the next stage or the head.
+    So the captured maps can be kept without a defensive copy (tested against copies in test_engine).
+    """
+    from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+    if type(model) is not ResNet:
+        return False
+    stages = [getattr(model, f'layer{i}') for i in range(1, 5)]
+    return all(type(block) in (BasicBlock, Bottleneck) for stage in stages for block in stage)
 
 
 def _vit_points(model: nn.Module, grid: Tuple[int, int], mlp_hidden: bool) -> List[_Point]:
@@ -173,14 +190,14 @@ def _hook(owner: '_Recorder', module_name: str, module: nn.Module, inputs, outpu
 
 
 def _storer(dtype: torch.dtype, max_side: Optional[int]) -> Callable[[torch.Tensor, bool], torch.Tensor]:
-    def store(fmap: torch.Tensor, shares_output: bool) -> torch.Tensor:
+    def store(fmap: torch.Tensor, must_copy: bool) -> torch.Tensor:
         fmap = fmap.detach()
         if max_side and max(fmap.shape[-2:]) > max_side:
             fmap = torch.nn.functional.adaptive_avg_pool2d(fmap.float(), max_side)
-            shares_output = False
-        # a map that is still the module's own memory is copied: later in-place ops (ReLU(inplace=True))
-        # must not change what was recorded; maps already rebuilt from tokens are not copied twice
-        return fmap.to(device='cpu', dtype=dtype, copy=shares_output)
+            must_copy = False
+        # a map that is still the module's own memory and may be written later is copied, so that later
+        # in-place ops cannot change what was recorded; maps already rebuilt from tokens are not copied twice
+        return fmap.to(device='cpu', dtype=dtype, copy=must_copy)
     return store
 
 
