@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from . import zoo
+from .allocator import reuse_freed_memory
 from .images import ImageError, find_images, load_image, preprocess
 from .models import T2TViT
 from .pipeline import ModelResult, inspect_images
@@ -231,6 +232,7 @@ def main(argv: Optional[List[str]] = None, out: Optional[TextIO] = None) -> int:
     if getattr(args, 'batch_size', 1) < 1:
         parser.error('--batch-size must be at least 1')
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format='%(message)s')
+    reuse_freed_memory()
     try:
         return args.run(args, out or sys.stdout)
     except UserError as e:

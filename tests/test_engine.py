@@ -342,3 +342,12 @@ def test_cli_stages_render_and_errors(tmp_path, chelsea, capsys):
     err = capsys.readouterr().err
     assert 'no layer' in err and 'no such file' in err and 'unknown model' in err and 'multiple of 16' in err
 
+
+def test_reuse_freed_memory_is_idempotent_and_applies_on_glibc():
+    import platform
+
+    from t2t_viz.allocator import reuse_freed_memory
+    first, second = reuse_freed_memory(), reuse_freed_memory()
+    assert first == second
+    if platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc':
+        assert first

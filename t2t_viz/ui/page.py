@@ -13,6 +13,7 @@ from PIL import Image
 from skimage import data as samples
 
 from .. import zoo
+from ..allocator import reuse_freed_memory
 from ..images import ImageError, image_hash, load_image
 from ..models import T2T_VIT_VARIANTS
 from ..pipeline import ModelResult, inspect_images
@@ -203,6 +204,7 @@ def main() -> None:
     st.set_page_config(page_title='t2t-viz', layout='wide')
     st.title('t2t-viz: inside ResNet, ViT and T2T-ViT')
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    reuse_freed_memory()
     settings = _sidebar()
     st.session_state.settings = settings
     results = _run_models(settings)
