@@ -1,6 +1,6 @@
 """With models loaded: a new image -> every model's first channel grid, against the bare forward passes.
 
-    python benchmarks/app_latency.py [--models resnet50 vit_large_patch16_224 t2t_vit_24] [--repeats 3]
+    python -m benchmarks.app_latency [--models resnet50 vit_large_patch16_224 t2t_vit_24] [--repeats 3]
 
 This is the work the app does after an upload (preprocess, capture, statistics, first grid), without
 the browser round trip. Target: <= 1.5x the sum of the bare forward passes, measured in the same run.
@@ -17,6 +17,7 @@ from PIL import Image
 from skimage import data
 
 from t2t_viz import zoo
+from t2t_viz.allocator import reuse_freed_memory
 from t2t_viz.images import preprocess
 from t2t_viz.pipeline import inspect_images
 from t2t_viz.render import channel_grid, order_channels
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument('--repeats', type=int, default=3)
     args = parser.parse_args()
     os.environ.setdefault('T2T_VIZ_OFFLINE', '1')
+    reuse_freed_memory()  # as the app does
     loaded = {name: zoo.load(name, device='cpu') for name in args.models}
     photos = [Image.fromarray(f()) for f in (data.chelsea, data.coffee, data.astronaut, data.rocket)]
     bare, app = [], []

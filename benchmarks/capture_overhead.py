@@ -1,10 +1,13 @@
 """Full capture vs the bare forward pass, per default model at 224 on the CPU; and stats CLI throughput.
 
-    python benchmarks/capture_overhead.py [--models resnet50 vit_large_patch16_224 t2t_vit_24] [--repeats 5]
-                                          [--stats-images 16]
+    python -m benchmarks.capture_overhead [--models resnet50 vit_large_patch16_224 t2t_vit_24] [--repeats 11]
+                                          [--stats-images 16] [--glibc-defaults]
 
-Target: capture overhead <= 15% over the bare forward pass (same run, same input, medians).
+Target: capture overhead <= 15% over the bare forward pass (same run, same input, medians; the two are
+timed alternately so that a machine getting slower or faster affects both alike).
 Weights do not change the timing, so random initialisation is used when no trained file is present.
+Like the CLI and the app, the benchmark keeps freed memory for reuse (t2t_viz.allocator);
+--glibc-defaults measures with the C library's defaults instead.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import List, Tuple
 
 import timm
 import torch
@@ -23,27 +27,32 @@ from skimage import data
 
 import t2t_viz  # noqa: F401  (registers T2T-ViT)
 from t2t_viz import capture
+from t2t_viz.allocator import reuse_freed_memory
 from t2t_viz.zoo import DEFAULT_MODELS
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def alternating_medians(first, second, repeats: int) -> Tuple[float, float]:
+    """Median seconds of two functions, run one after the other in each round (after a warm-up round)."""
+    times: Tuple[List[float], List[float]] = ([], [])
+    for round_index in range(repeats + 1):
+        for fn, samples in zip((first, second), times):
+            start = time.perf_counter()
+            fn()
+            if round_index:
+                samples.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', default=list(DEFAULT_MODELS))
-    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--repeats', type=int, default=11)
     parser.add_argument('--stats-images', type=int, default=16, help='0 skips the stats CLI measurement')
+    parser.add_argument('--glibc-defaults', action='store_true', help="keep the C library's malloc settings")
     args = parser.parse_args()
+    allocator = "glibc defaults" if args.glibc_defaults or not reuse_freed_memory() else "freed memory reused"
     x = torch.randn(1, 3, 224, 224)
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}')
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}, {allocator}')
     print(f"{'model':<24}{'forward ms':>12}{'capture ms':>12}{'overhead':>10}{'layers':>8}")
     for name in args.models:
         model = timm.create_model(name).eval()
@@ -52,8 +61,7 @@ def main() -> None:
             with torch.inference_mode():
                 model(x)
 
-        forward_s = median_seconds(bare, args.repeats)
-        capture_s = median_seconds(lambda: capture.run(model, x), args.repeats)
+        forward_s, capture_s = alternating_medians(bare, lambda: capture.run(model, x), args.repeats)
         layers = len(capture.run(model, x)[0].layers)
         print(f'{name:<24}{forward_s * 1e3:>12.1f}{capture_s * 1e3:>12.1f}'
               f'{(capture_s / forward_s - 1) * 100:>9.1f}%{layers:>8}', flush=True)

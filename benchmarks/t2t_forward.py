@@ -1,9 +1,11 @@
 """Time our T2T-ViT forward passes on the CPU, optionally against the paper's implementation.
 
-    python benchmarks/t2t_forward.py [--reference PATH_TO_T2T-ViT_CLONE] [--repeats 7] [--batch-sizes 1 8]
+    python -m benchmarks.t2t_forward [--reference PATH_TO_T2T-ViT_CLONE] [--repeats 9] [--batch-sizes 1 8]
 
 With --reference, the paper's code is imported from the user's own clone (never copied here), given the
-same weights as ours, its logits are checked against ours, and the speed ratio is printed.
+same weights as ours, its logits are checked against ours, and the speed ratio is printed. The two
+implementations are timed alternately, round after round, so that a machine getting slower or faster
+during the run affects both alike.
 Target: ours faster than the paper's at batch 1 and 8 (goal 1.2x), with the same outputs.
 """
 from __future__ import annotations
@@ -15,21 +17,25 @@ import io
 import statistics
 import sys
 import time
+from typing import List, Sequence
 
 import torch
 
+from t2t_viz.allocator import reuse_freed_memory
 from t2t_viz.models import t2t_vit as ours
 
 
-def median_seconds(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
+def median_seconds(models: Sequence[torch.nn.Module], x: torch.Tensor, repeats: int) -> List[float]:
+    """Median forward time of each model; every round runs each model once, after a warm-up round."""
+    times: List[List[float]] = [[] for _ in models]
     with torch.inference_mode():
-        model(x)  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for round_index in range(repeats + 1):
+            for model, samples in zip(models, times):
+                start = time.perf_counter()
+                model(x)
+                if round_index:
+                    samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
 
 
 def load_reference(path: str):
@@ -43,10 +49,11 @@ def main() -> None:
     parser.add_argument('--reference', help="path to a local clone of the paper's code (yitu-opensource/T2T-ViT)")
     parser.add_argument('--models', nargs='+', default=['t2t_vit_24', 't2t_vit_t_24'])
     parser.add_argument('--batch-sizes', nargs='+', type=int, default=[1, 8])
-    parser.add_argument('--repeats', type=int, default=7)
+    parser.add_argument('--repeats', type=int, default=9)
     parser.add_argument('--threads', type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # as t2t-viz's CLI and app run; the same for both implementations
     torch.manual_seed(0)
 
     # Build ours before importing the reference: the paper's module re-registers the same names in timm.
@@ -66,10 +73,12 @@ def main() -> None:
             paper_model.load_state_dict(model.state_dict(), strict=True)
         for batch in args.batch_sizes:
             x = torch.randn(batch, 3, 224, 224)
-            ours_s = median_seconds(model, x, args.repeats)
+            timed = [model] if paper_model is None else [model, paper_model]
+            seconds = median_seconds(timed, x, args.repeats)
+            ours_s = seconds[0]
             line = f'{name:<14}{batch:>6}{ours_s * 1e3:>10.1f}'
             if paper_model is not None:
-                paper_s = median_seconds(paper_model, x, args.repeats)
+                paper_s = seconds[1]
                 with torch.inference_mode():
                     diff = (model(x) - paper_model(x)).abs().max().item()
                 line += f'{paper_s * 1e3:>10.1f}{paper_s / ours_s:>9.2f}x{diff:>18.2e}'
