@@ -165,6 +165,44 @@ def test_forward_intermediates_agree_with_forward_features(tiny):
     torch.testing.assert_close(logits, tiny.head(features[:, 0]))
 
 
+@pytest.mark.parametrize('kwargs', [
+    dict(t2t_layer='performer'), dict(t2t_layer='transformer', qkv_bias=True), dict(global_pool='avg'),
+    dict(token_label_head=True)], ids=['performer', 'transformer-qkv-bias', 'avg-pool', 'token-label'])
+def test_forward_gives_the_logits_of_forward_features(kwargs):
+    torch.manual_seed(0)
+    model = T2TViT(embed_dim=64, depth=3, num_heads=2, **kwargs).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = model.forward_head(model.forward_features(x))
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    # only a class-token head with nothing watching lets forward skip the last block's patch-token work
+    assert model._class_token_suffices() == (kwargs.get('global_pool', 'token') == 'token'
+                                             and 'token_label_head' not in kwargs)
+
+
+def test_forward_runs_every_module_while_hooks_watch(tiny):
+    seen = {}
+    x = torch.randn(1, 3, 224, 224)
+    for module in (tiny.blocks[-1].mlp, tiny.blocks, tiny.norm):
+        handle = module.register_forward_hook(lambda m, i, output: seen.__setitem__('shape', output.shape))
+        try:
+            with torch.no_grad():
+                tiny(x)
+        finally:
+            handle.remove()
+        assert seen.pop('shape')[1] == 197, module  # class token + 14x14 patch tokens
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.append(m))
+    try:
+        with torch.no_grad():
+            tiny(x)
+    finally:
+        handle.remove()
+    assert tiny.blocks[-1] in calls and tiny.blocks[-1].mlp in calls
+    assert tiny._class_token_suffices() and not tiny.train()._class_token_suffices()
+    tiny.eval()
+
+
 def test_wrong_input_size_is_a_clear_error_unless_dynamic(tiny):
     with pytest.raises(ValueError, match='built for 224x224'):
         tiny(torch.randn(1, 3, 256, 256))
