@@ -90,8 +90,9 @@ def test_filter_is_pure(source_model):
     assert set(out) == set(source_model.state_dict())
 
 
-def test_pretrained_downloads_release_url(tmp_path, source_model, image, monkeypatch):
-    """pretrained=True goes through timm's download (here from a server on 127.0.0.1) and caches the file."""
+def test_pretrained_downloads_release_url(tmp_path, source_model, image, capfd):
+    """pretrained=True downloads (here from a server on 127.0.0.1) with a progress bar and caches the file."""
+    timm.models.set_pretrained_download_progress(False)  # timm's default, whatever earlier tests set
     served = tmp_path / 'served'
     served.mkdir()
     torch.save(_training_checkpoint(state_dict_ema=source_model.state_dict()),
@@ -109,6 +110,7 @@ def test_pretrained_downloads_release_url(tmp_path, source_model, image, monkeyp
         server.shutdown()
     assert torch.equal(_logits(loaded, image), _logits(source_model, image))
     assert any(name.endswith('71.7_T2T_ViT_7.pth.tar') for _, _, files in os.walk(cache) for name in files)
+    assert '100%' in capfd.readouterr().err  # torch.hub's tqdm bar, with timm's global progress flag left off
 
 
 def test_384_checkpoint_resamples_position_grid(tmp_path, source_model, image):

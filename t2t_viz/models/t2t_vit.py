@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models._hub import download_cached_file
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block as VitBlock
 
@@ -586,6 +587,16 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def _fetch_release_file(variant: str, kwargs: Dict[str, Any]) -> None:
+    """Download a release URL into timm's cache with a progress bar (timm's own default is silent).
+
+    timm then finds the cached file and loads it as usual; files, state dicts and hub ids are left to timm.
+    """
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    if cfg.url and not (cfg.file or cfg.state_dict or cfg.hf_hub_id or cfg.source):
+        download_cached_file(cfg.url, check_hash=False, progress=True, cache_dir=kwargs.get('cache_dir'))
+
+
 def _create_t2t_vit(variant: str, pretrained: bool = False, **kwargs) -> T2TViT:
     tag = kwargs.get('pretrained_cfg')
     if isinstance(tag, str) and tag.startswith('tl_'):
@@ -594,6 +605,8 @@ def _create_t2t_vit(variant: str, pretrained: bool = False, **kwargs) -> T2TViT:
     if overlay.get('file') and 'custom_load' not in overlay:
         # timm would read a local file itself; ours refuses unsafe pickles and names the file in errors
         kwargs['pretrained_cfg_overlay'] = {**overlay, 'custom_load': True}
+    if pretrained:
+        _fetch_release_file(variant, kwargs)
     return build_model_with_cfg(
         T2TViT, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
