@@ -41,6 +41,9 @@ def test_sample_image_all_tabs(app):
     assert not at.exception
     at.select_slider(key='st_step').set_value('restructurization 2').run()
     assert not at.exception
+    at.slider(key='cmp_count').set_value(9).run()
+    at.selectbox(key='cmp_t2t_vit_7_b').set_value('soft split 1').run()
+    assert not at.exception
     assert any('784 tokens' in str(m.value) for m in at.metric)
 
 

@@ -1,6 +1,7 @@
 """The Streamlit page: sidebar, tabs, caches. Only arranges widgets around t2t_viz's logic."""
 from __future__ import annotations
 
+import math
 import os
 from typing import Dict, List, Optional
 
@@ -25,6 +26,7 @@ SAMPLES = {'chelsea (cat)': samples.chelsea, 'coffee': samples.coffee, 'astronau
            'rocket': samples.rocket}
 EXTRA_MODELS = ('resnet18', 'vit_tiny_patch16_224', 'vit_base_patch16_224')
 SIZES = (224, 384, 448, 1024)
+COMPARE_CELL = 64  # pixels per channel tile in the Compare panels
 
 
 def default_models() -> List[str]:
@@ -133,6 +135,9 @@ def _feature_maps_tab(results: Dict[str, ModelResult]) -> None:
 
 def _compare_tab(results: Dict[str, ModelResult]) -> None:
     count = st.slider('Channels per panel', 4, 64, 16, key='cmp_count')
+    # one tile size and layout for every panel, so a 14x14 token map sits beside a 112x112 conv map as in
+    # the paper's Figure 2 (nearest-neighbour upscaling keeps the token grid visible)
+    grid_columns = math.ceil(math.sqrt(count))
     columns = st.columns(len(results))
     for column, (name, result) in zip(columns, results.items()):
         labels = [layer.label for layer in result.capture.layers]
@@ -143,7 +148,7 @@ def _compare_tab(results: Dict[str, ModelResult]) -> None:
             layer = result.capture.layer(label)
             summary = result.summaries[layer.depth]
             channels = list(range(min(count, layer.channels)))
-            column.image(channel_grid(layer.fmap, summary, channels),
+            column.image(channel_grid(layer.fmap, summary, channels, columns=grid_columns, cell=COMPARE_CELL),
                          caption=f'{label}: dead {summary.fraction(summary.dead):.1%} of {layer.channels}')
 
 
