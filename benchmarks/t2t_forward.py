@@ -1,11 +1,12 @@
 """Time our T2T-ViT forward passes on the CPU, optionally against the paper's implementation.
 
-    python -m benchmarks.t2t_forward [--reference PATH_TO_T2T-ViT_CLONE] [--repeats 9] [--batch-sizes 1 8]
+    python -m benchmarks.t2t_forward [--reference PATH_TO_T2T-ViT_CLONE] [--repeats 15] [--batch-sizes 1 8]
 
 With --reference, the paper's code is imported from the user's own clone (never copied here), given the
 same weights as ours, its logits are checked against ours, and the speed ratio is printed. The two
 implementations are timed alternately, round after round, so that a machine getting slower or faster
-during the run affects both alike.
+during the run affects both alike; times are medians over rounds, and the speed-up is the median of
+each round's ratio.
 Target: ours faster than the paper's at batch 1 and 8 (goal 1.2x), with the same outputs.
 """
 from __future__ import annotations
@@ -25,8 +26,8 @@ from t2t_viz.allocator import reuse_freed_memory
 from t2t_viz.models import t2t_vit as ours
 
 
-def median_seconds(models: Sequence[torch.nn.Module], x: torch.Tensor, repeats: int) -> List[float]:
-    """Median forward time of each model; every round runs each model once, after a warm-up round."""
+def round_times(models: Sequence[torch.nn.Module], x: torch.Tensor, repeats: int) -> List[List[float]]:
+    """Forward seconds per model and round; every round runs each model once, after a warm-up round."""
     times: List[List[float]] = [[] for _ in models]
     with torch.inference_mode():
         for round_index in range(repeats + 1):
@@ -35,7 +36,7 @@ def median_seconds(models: Sequence[torch.nn.Module], x: torch.Tensor, repeats: 
                 model(x)
                 if round_index:
                     samples.append(time.perf_counter() - start)
-    return [statistics.median(samples) for samples in times]
+    return times
 
 
 def load_reference(path: str):
@@ -49,7 +50,7 @@ def main() -> None:
     parser.add_argument('--reference', help="path to a local clone of the paper's code (yitu-opensource/T2T-ViT)")
     parser.add_argument('--models', nargs='+', default=['t2t_vit_24', 't2t_vit_t_24'])
     parser.add_argument('--batch-sizes', nargs='+', type=int, default=[1, 8])
-    parser.add_argument('--repeats', type=int, default=9)
+    parser.add_argument('--repeats', type=int, default=15)
     parser.add_argument('--threads', type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -74,14 +75,14 @@ def main() -> None:
         for batch in args.batch_sizes:
             x = torch.randn(batch, 3, 224, 224)
             timed = [model] if paper_model is None else [model, paper_model]
-            seconds = median_seconds(timed, x, args.repeats)
-            ours_s = seconds[0]
-            line = f'{name:<14}{batch:>6}{ours_s * 1e3:>10.1f}'
+            times = round_times(timed, x, args.repeats)
+            line = f'{name:<14}{batch:>6}{statistics.median(times[0]) * 1e3:>10.1f}'
             if paper_model is not None:
-                paper_s = seconds[1]
+                # the speed-up of each round (the two ran back to back), then the median over rounds
+                speed_up = statistics.median(paper / ours for ours, paper in zip(*times))
                 with torch.inference_mode():
                     diff = (model(x) - paper_model(x)).abs().max().item()
-                line += f'{paper_s * 1e3:>10.1f}{paper_s / ours_s:>9.2f}x{diff:>18.2e}'
+                line += f'{statistics.median(times[1]) * 1e3:>10.1f}{speed_up:>9.2f}x{diff:>18.2e}'
             print(line, flush=True)
 
 
