@@ -54,10 +54,18 @@ _FUSED_ATTENTION_OPS = {
 
 
 def count_macs(model: torch.nn.Module, img_size: int = 224) -> int:
-    """Multiply-accumulates of one forward pass at ``img_size`` (torch's counter, plus CPU fused attention)."""
+    """Multiply-accumulates of one full forward pass at ``img_size`` (torch's counter, plus CPU fused attention).
+
+    Counts ``forward_head(forward_features(x))`` where the model has them: the whole network, as papers
+    count it, not T2T-ViT's ``forward`` shortcut that skips the last block's patch-token work.
+    """
     x = torch.zeros(1, 3, img_size, img_size)
+    model.eval()
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_FUSED_ATTENTION_OPS) as counter:
-        model.eval()(x)
+        if hasattr(model, 'forward_features') and hasattr(model, 'forward_head'):
+            model.forward_head(model.forward_features(x))
+        else:
+            model(x)
     return counter.get_total_flops() // 2
 
 
