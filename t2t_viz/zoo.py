@@ -161,8 +161,9 @@ def _create_from_file(arch: str, tag: str, img_size: Optional[int], path: str) -
         return _create(arch, tag, True, img_size, pretrained_cfg_overlay=_file_overlay(arch, path))
     except CheckpointError as e:
         raise WeightsError(str(e)) from e
-    except (RuntimeError, ValueError, KeyError, OSError) as e:
-        raise WeightsError(f'{path}: not usable weights for {arch} ({str(e).splitlines()[0]})') from e
+    except Exception as e:  # noqa: BLE001 - torch, timm and safetensors raise many kinds for a bad file
+        first_line = (str(e).splitlines() or [type(e).__name__])[0]
+        raise WeightsError(f'{path}: not usable weights for {arch} ({first_line})') from e
 
 
 def _supports_img_size(arch: str) -> bool:

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules import module as torch_module
 from timm.layers import Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._hub import download_cached_file
@@ -150,24 +151,26 @@ class Block(VitBlock):
         """
         attn = self.attn
         B, N, _ = x.shape
+        width = attn.num_heads * attn.head_dim
         x_norm = self.norm1(x)
-        q_weight, kv_weight = attn.qkv.weight.split([attn.attn_dim, 2 * attn.attn_dim])
-        q_bias, kv_bias = (None, None) if attn.qkv.bias is None else attn.qkv.bias.split(
-            [attn.attn_dim, 2 * attn.attn_dim])
+        q_weight, kv_weight = attn.qkv.weight.split([width, 2 * width])
+        q_bias, kv_bias = (None, None) if attn.qkv.bias is None else attn.qkv.bias.split([width, 2 * width])
         q = F.linear(x_norm[:, :1], q_weight, q_bias)  # (B, 1, H*D)
         q = q.view(B, 1, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, H, 1, D)
         kv = F.linear(x_norm, kv_weight, kv_bias).view(B, N, 2, attn.num_heads, attn.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, D)
         y = F.scaled_dot_product_attention(
             attn.q_norm(q), attn.k_norm(k), v, dropout_p=attn.attn_drop.p if self.training else 0.)  # (B, H, 1, D)
-        y = attn.proj_drop(attn.proj(attn.norm(y.transpose(1, 2).reshape(B, 1, attn.attn_dim))))  # (B, 1, C)
+        y = y.transpose(1, 2).reshape(B, 1, width)  # (B, 1, H*D)
+        if hasattr(attn, 'norm'):  # newer timm: optional norm before the projection (Identity here)
+            y = attn.norm(y)
+        y = attn.proj_drop(attn.proj(y))  # (B, 1, C)
         x = x[:, :1] + self.drop_path1(self.ls1(y))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 def _has_hooks(module: nn.Module) -> bool:
     """True when a hook watches ``module`` or any module inside it (or every module, globally)."""
-    from torch.nn.modules import module as torch_module
     global_hooks = ('_global_forward_hooks', '_global_forward_pre_hooks', '_global_backward_hooks',
                     '_global_backward_pre_hooks')
     if any(getattr(torch_module, name, None) for name in global_hooks):
@@ -403,6 +406,7 @@ class T2TViT(nn.Module):
         """Whether the logits need only the last block's class token, and nothing watches the other tokens."""
         return (not self.training and self.global_pool == 'token' and self.aux_head is None
                 and len(self.blocks) > 0 and isinstance(self.blocks[-1], Block)
+                and getattr(self.blocks[-1].attn, 'gate', None) is None  # gated attention: not handled
                 and not _has_hooks(self.blocks) and not _has_hooks(self.norm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
