@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import List, Tuple
 
 import timm
 import torch
@@ -30,17 +29,7 @@ from t2t_viz import capture
 from t2t_viz.allocator import reuse_freed_memory
 from t2t_viz.zoo import DEFAULT_MODELS
 
-
-def alternating_medians(first, second, repeats: int) -> Tuple[float, float]:
-    """Median seconds of two functions, run one after the other in each round (after a warm-up round)."""
-    times: Tuple[List[float], List[float]] = ([], [])
-    for round_index in range(repeats + 1):
-        for fn, samples in zip((first, second), times):
-            start = time.perf_counter()
-            fn()
-            if round_index:
-                samples.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+from .timing import round_times
 
 
 def main() -> None:
@@ -61,7 +50,8 @@ def main() -> None:
             with torch.inference_mode():
                 model(x)
 
-        forward_s, capture_s = alternating_medians(bare, lambda: capture.run(model, x), args.repeats)
+        times = round_times([bare, lambda: capture.run(model, x)], args.repeats)
+        forward_s, capture_s = map(statistics.median, times)
         layers = len(capture.run(model, x)[0].layers)
         print(f'{name:<24}{forward_s * 1e3:>12.1f}{capture_s * 1e3:>12.1f}'
               f'{(capture_s / forward_s - 1) * 100:>9.1f}%{layers:>8}', flush=True)

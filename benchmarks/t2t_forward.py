@@ -13,30 +13,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import io
 import statistics
 import sys
-import time
-from typing import List, Sequence
 
 import torch
 
 from t2t_viz.allocator import reuse_freed_memory
 from t2t_viz.models import t2t_vit as ours
 
-
-def round_times(models: Sequence[torch.nn.Module], x: torch.Tensor, repeats: int) -> List[List[float]]:
-    """Forward seconds per model and round; every round runs each model once, after a warm-up round."""
-    times: List[List[float]] = [[] for _ in models]
-    with torch.inference_mode():
-        for round_index in range(repeats + 1):
-            for model, samples in zip(models, times):
-                start = time.perf_counter()
-                model(x)
-                if round_index:
-                    samples.append(time.perf_counter() - start)
-    return times
+from .timing import round_times
 
 
 def load_reference(path: str):
@@ -75,7 +63,8 @@ def main() -> None:
         for batch in args.batch_sizes:
             x = torch.randn(batch, 3, 224, 224)
             timed = [model] if paper_model is None else [model, paper_model]
-            times = round_times(timed, x, args.repeats)
+            with torch.inference_mode():
+                times = round_times([functools.partial(m, x) for m in timed], args.repeats)
             line = f'{name:<14}{batch:>6}{statistics.median(times[0]) * 1e3:>10.1f}'
             if paper_model is not None:
                 # the speed-up of each round (the two ran back to back), then the median over rounds
