@@ -140,12 +140,18 @@ def _available_memory_bytes() -> int:
     return 8 * 2**30
 
 
+def _eval_transform(data_config: dict):
+    """The model's own resize, crop, mean and std, as timm builds them for evaluation."""
+    return create_transform(**{k: v for k, v in data_config.items()
+                               if k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')})
+
+
 def preprocess(image: Image.Image, data_config: dict) -> torch.Tensor:
     """(1, 3, H, W) tensor with the model's own resize, crop, mean and std."""
-    transform = create_transform(**{k: v for k, v in data_config.items()
-                                    if k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')})
-    return transform(image).unsqueeze(0)
+    return _eval_transform(data_config)(image).unsqueeze(0)
 
 
 def preprocess_batch(images: List[Image.Image], data_config: dict) -> torch.Tensor:
-    return torch.cat([preprocess(image, data_config) for image in images])
+    """(B, 3, H, W); the transform is built once for the batch."""
+    transform = _eval_transform(data_config)
+    return torch.stack([transform(image) for image in images])
