@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .pipeline import ModelResult
+from .render import DEAD_COLOR, FLAT_COLOR, MASSIVE_COLOR
 
 __all__ = ['StageStep', 't2t_steps', 'depth_curves', 'compare_depths', 'soft_split_windows', 'denormalize']
 
@@ -71,13 +72,13 @@ def denormalize(x: torch.Tensor, mean, std) -> Image.Image:
     return Image.fromarray(array)
 
 
-def soft_split_windows(image: Image.Image, kernel: int = 7, stride: int = 4, padding: int = 2,
+def soft_split_windows(image: Image.Image, kernel: int, stride: int, padding: int,
                        count: int = 4, scale: int = 4) -> Image.Image:
     """The first ``count`` overlapping soft-split windows of the top row, drawn on an enlarged crop."""
     span = padding + stride * (count - 1) + kernel
     crop = image.crop((0, 0, span, span)).resize((span * scale, span * scale), Image.NEAREST)
     draw = ImageDraw.Draw(crop)
-    colors = [(230, 25, 25), (255, 170, 0), (60, 120, 255), (40, 180, 80)]
+    colors = [DEAD_COLOR, MASSIVE_COLOR, FLAT_COLOR, (40, 180, 80)]
     for i in range(count):
         left = (i * stride - padding) * scale
         draw.rectangle([left, -padding * scale, left + kernel * scale - 1, (kernel - padding) * scale - 1],

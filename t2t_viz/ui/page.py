@@ -170,19 +170,18 @@ def _stages_tab(results: Dict[str, ModelResult]) -> None:
     chart = px.line(pd.DataFrame([dict(stage=s.name, tokens=s.tokens) for s in steps]), x='stage', y='tokens',
                     markers=True, log_y=True, title='Token count through the T2T module')
     st.plotly_chart(chart, key='st_chart')
-    model_input = denormalize(result.capture.input, *_mean_std(name))
+    loaded = _load_model(name, st.session_state.settings['img_size'], st.session_state.settings['device'])
+    model_input = denormalize(result.capture.input, loaded.data_config['mean'], loaded.data_config['std'])
     if step.layer_index is None:
         st.image(model_input, caption='input as the model sees it')
     else:
         layer, summary = result.capture.layers[step.layer_index], result.summaries[step.layer_index]
         st.image(channel_grid(layer.fmap, summary, list(range(min(32, layer.channels)))),
                  caption=f'{step.name}: first {min(32, layer.channels)} of {layer.channels} channels')
-    st.image(soft_split_windows(model_input), caption='soft split 1: overlapping 7x7 windows, stride 4, padding 2')
-
-
-def _mean_std(name: str):
-    loaded = _load_model(name, st.session_state.settings['img_size'], st.session_state.settings['device'])
-    return loaded.data_config['mean'], loaded.data_config['std']
+    split = loaded.model.tokens_to_token.soft_split0
+    st.image(soft_split_windows(model_input, split.kernel_size, split.stride, split.padding),
+             caption=f'soft split 1: overlapping {split.kernel_size}x{split.kernel_size} windows, '
+                     f'stride {split.stride}, padding {split.padding}')
 
 
 def _dead_tab(results: Dict[str, ModelResult]) -> None:
