@@ -1,0 +1,141 @@
+"""How much memory a model and a capture need, derived from what the code really allocates.
+
+The estimate is not a formula: the very code that runs (``capture.run`` or the notebook procedure, with
+the same options) is executed once on the *meta* device, where tensors have shapes but no data, while a
+dispatch mode counts the bytes of every tensor the operations create and frees them as they die. That
+gives, without allocating anything, the peak of live bytes during the pass (activations kept + the
+largest transient, e.g. an MLP's hidden layer or a soft split's unfold; PyTorch's fused attention never
+builds the N x N matrix, and neither does its meta kernel) and the bytes still held afterwards (what is
+kept). Weights are counted from the parameters and buffers of a model built on the meta device.
+
+``benchmarks/memory_estimate.py`` holds these estimates against the peak RSS measured on real runs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ['MemoryEstimate', 'InsufficientMemory', 'LiveBytes', 'tensor_bytes', 'module_bytes', 'measure_run',
+           'available_bytes', 'check_fits', 'format_bytes', 'INPUT_COPIES']
+
+_logger = logging.getLogger(__name__)
+
+INPUT_COPIES = 3  # the decoded image, the resized/normalized tensor and its stacked batch exist at once
+
+
+class InsufficientMemory(ValueError):
+    """A model or a run would not fit in the memory available; the message says how much is needed."""
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of tensors created by operations run under it, freeing them as they die.
+
+    Tensors sharing a storage (views, in-place results) count once, while any of them is alive.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._storages: Dict[int, list] = {}  # storage id -> [tensors alive, bytes]
+        self.live = 0
+        self.peak = 0
+
+    def _release(self, key: int) -> None:
+        entry = self._storages.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self._storages[key]
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        entry = self._storages.get(key)
+        if entry is None:
+            entry = self._storages[key] = [0, storage.nbytes()]
+            self.live += entry[1]
+            self.peak = max(self.peak, self.live)
+        entry[0] += 1
+        weakref.finalize(tensor, self._release, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(tensor, torch.Tensor):
+                self._track(tensor)
+        return out
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one run needs on top of the process: the model's weights, and the pass itself."""
+    weights: int  # parameters and buffers
+    peak: int  # live at the peak of the pass: kept maps so far + the largest transient + the input
+    kept: int  # still held when the pass returns (its results)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.peak
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def module_bytes(model: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (also for a module on the meta device)."""
+    return sum(tensor_bytes(t) for t in model.parameters()) + sum(tensor_bytes(t) for t in model.buffers())
+
+
+def measure_run(run: Callable[[torch.Tensor], Any], input_shape: Tuple[int, ...]) -> Tuple[int, int]:
+    """(peak, kept) bytes of ``run(x)`` executed shape-only on a meta input of ``input_shape``.
+
+    ``run`` must use a model on the meta device. The input counts ``INPUT_COPIES`` times.
+    """
+    x = torch.empty(input_shape, device='meta')
+    tracker = LiveBytes()
+    with tracker:
+        result = run(x)
+        kept = tracker.live
+    del result
+    input_bytes = INPUT_COPIES * tensor_bytes(x)
+    return tracker.peak + input_bytes, kept
+
+
+def available_bytes() -> int:
+    """Memory the system can give this process now (Linux MemAvailable; else free physical pages)."""
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    except (ValueError, OSError, AttributeError):
+        _logger.warning('cannot tell how much memory is available; assuming 8 GiB')
+        return 8 * 2**30
+
+
+def format_bytes(count: float) -> str:
+    for unit, size in (('GiB', 2**30), ('MiB', 2**20), ('KiB', 2**10)):
+        if abs(count) >= size:
+            return f'{count / size:.1f} {unit}'
+    return f'{int(count)} B'
+
+
+def check_fits(needed: int, what: str, available: Optional[int] = None) -> None:
+    """Raise InsufficientMemory naming ``what``, the bytes needed and the bytes available."""
+    available = available_bytes() if available is None else available
+    if needed > available:
+        raise InsufficientMemory(f'{what} needs about {format_bytes(needed)}, but only {format_bytes(available)} '
+                                 'of memory is available')
