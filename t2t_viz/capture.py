@@ -1,9 +1,13 @@
-"""One forward pass -> every inspectable layer as a (C, H, W) feature map.
+"""One forward pass -> every inspectable layer as a (C, H, W) feature map, its statistics, or both.
 
 Hooks are registered per call and always removed (``finally``). A model is shared by many sessions, so
 each call publishes its recorder in a ContextVar, and a hook records only when the forward pass runs in
 the context of the call that registered it. Two threads capturing the same model at once therefore each
 get only their own activations.
+
+What is kept is asked for explicitly (``layers``, ``keep_maps``, ``dtype``, ``max_side``): a capture at
+2048x2048 keeps gigabytes when every full map is kept, so statistics can be reduced from the full map
+inside the hook (``reduce``) while only a small display copy, or nothing, is kept.
 """
 from __future__ import annotations
 
@@ -11,17 +15,22 @@ import contextvars
 import functools
 import re
 import threading
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Collection, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .models import T2TViT
 
-__all__ = ['Layer', 'Capture', 'run', 'layer_points']
+__all__ = ['Layer', 'Capture', 'Point', 'Recorder', 'run', 'layer_points', 'select_points', 't2t_module_points',
+           'pooled_size', 'model_device', 'FLOAT16_MAX', 'REAL_FORWARD']
 
-_active_recorder: contextvars.ContextVar[Optional['_Recorder']] = contextvars.ContextVar(
+REAL_FORWARD = 'real_forward'
+FLOAT16_MAX = 65504.0  # kept float16 maps are clamped to this magnitude instead of overflowing to inf
+
+_active_recorder: contextvars.ContextVar[Optional['Recorder']] = contextvars.ContextVar(
     't2t_viz_active_recorder', default=None)
 _hook_registry_lock = threading.Lock()  # registering/removing hooks mutates the shared module's dicts
 
@@ -30,35 +39,47 @@ _hook_registry_lock = threading.Lock()  # registering/removing hooks mutates the
 class Layer:
     """One captured layer output for one image."""
     name: str  # module path, stable across runs (e.g. 'layer2.1.act2', 'blocks.11')
-    kind: str  # 'stem' | 'relu' | 'stage' | 'patch_embed' | 'soft_split' | 'restructurization' | 'projection'
-    #           | 'block' | 'mlp_hidden' | 'intermediate'
+    kind: str  # 'stem' | 'relu' | 'conv' | 'stage' | 'patch_embed' | 'soft_split' | 'restructurization'
+    #           | 'projection' | 'block' | 'mlp_hidden' | 'intermediate'
     depth: int  # 0-based position in the model's layer order
-    fmap: torch.Tensor  # (C, H, W)
+    fmap: Optional[torch.Tensor]  # (C, h, w) as kept: the full map, an average-pooled copy, or None
     label: str = ''  # human name: 'conv25', 'block 12', 'soft split 1'
+    shape: Optional[Tuple[int, int, int]] = None  # (C, H, W) of the full map; defaults to fmap's shape
+    stats: Any = None  # what the capture's ``reduce`` returned for this layer and image
+
+    def __post_init__(self) -> None:
+        if self.shape is None:
+            self.shape = tuple(self.fmap.shape)
 
     @property
     def channels(self) -> int:
-        return self.fmap.shape[0]
+        return self.shape[0]
 
     @property
     def height(self) -> int:
-        return self.fmap.shape[1]
+        return self.shape[1]
 
     @property
     def width(self) -> int:
-        return self.fmap.shape[2]
+        return self.shape[2]
 
     @property
     def tokens(self) -> int:
         return self.height * self.width
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the kept map is a smaller, average-pooled copy of the full map."""
+        return self.fmap is not None and tuple(self.fmap.shape[1:]) != (self.height, self.width)
 
 
 @dataclass
 class Capture:
     """Everything one forward pass showed about one image."""
     layers: List[Layer]
-    logits: torch.Tensor  # (num_classes,)
-    input: torch.Tensor  # (3, H, W), preprocessed
+    logits: Optional[torch.Tensor]  # (num_classes,); None when the pass stopped early
+    input: Optional[torch.Tensor]  # (3, H, W), preprocessed; None when maps are not kept
+    procedure: str = REAL_FORWARD
 
     def layer(self, name_or_label: str) -> Layer:
         for layer in self.layers:
@@ -68,7 +89,8 @@ class Capture:
 
 
 @dataclass
-class _Point:
+class Point:
+    """A place in a model whose output becomes a layer record."""
     module_name: str
     kind: str
     label: str
@@ -76,17 +98,63 @@ class _Point:
     written_later: bool = True  # False only where the model is known never to modify this output in place
 
 
-@dataclass
-class _Recorder:
-    """What one capture call records, in forward order."""
-    points: Dict[str, _Point]
-    store: Callable[[torch.Tensor, bool], torch.Tensor]
-    outputs: List[Tuple[_Point, torch.Tensor]] = field(default_factory=list)
+def _host(tensor: torch.Tensor) -> str:
+    """Where kept tensors live: the CPU, or the meta device when memory estimation runs this code shape-only."""
+    return 'meta' if tensor.is_meta else 'cpu'
 
-    def record(self, point: _Point, output: torch.Tensor) -> None:
-        fmap = point.to_map(output)
-        shares_output = fmap.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
-        self.outputs.append((point, self.store(fmap, shares_output and point.written_later)))
+
+class _StopForward(Exception):
+    """Raised from a hook once the last requested layer is recorded (``stop_early``)."""
+
+
+class Recorder:
+    """Turns outputs at known points into per-image layer records: reduced in place, kept as asked."""
+
+    def __init__(self, points: Sequence[Point], dtype: torch.dtype = torch.float32, max_side: Optional[int] = None,
+                 keep_maps: bool = True, reduce: Optional[Callable[[torch.Tensor], Any]] = None,
+                 progress: Optional[Callable[[int, int], None]] = None, stop_after: Optional[str] = None):
+        self.points = {p.module_name: p for p in points}
+        self.dtype, self.max_side, self.keep_maps, self.reduce = dtype, max_side, keep_maps, reduce
+        self.progress, self.stop_after = progress, stop_after
+        self.outputs: List[Tuple[Point, Tuple[int, int, int], Optional[torch.Tensor], List[Any]]] = []
+
+    def record(self, point: Point, output: torch.Tensor) -> None:
+        fmap = point.to_map(output)  # (B, C, H, W)
+        reduced = [self.reduce(fmap[i]) for i in range(fmap.shape[0])] if self.reduce else [None] * fmap.shape[0]
+        kept = None
+        if self.keep_maps:
+            shares_output = fmap.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
+            kept = self._keep(fmap, shares_output and point.written_later)
+        self.outputs.append((point, tuple(fmap.shape[1:]), kept, reduced))
+        if self.progress:
+            self.progress(len(self.outputs), len(self.points))
+        if point.module_name == self.stop_after:
+            raise _StopForward
+
+    def _keep(self, fmap: torch.Tensor, must_copy: bool) -> torch.Tensor:
+        fmap = fmap.detach()
+        height, width = fmap.shape[-2:]
+        if self.max_side and max(height, width) > self.max_side:
+            fmap = F.adaptive_avg_pool2d(fmap.float(), pooled_size(height, width, self.max_side))
+            must_copy = False
+        if self.dtype == torch.float16:
+            fmap = fmap.clamp(-FLOAT16_MAX, FLOAT16_MAX)
+            must_copy = False
+        # a map that is still the module's own memory and may be written later is copied, so that later
+        # in-place ops cannot change what was recorded; maps already rebuilt from tokens are not copied twice
+        return fmap.to(device=_host(fmap), dtype=self.dtype, copy=must_copy)
+
+    def captures(self, logits: Optional[torch.Tensor], x: torch.Tensor, procedure: str = REAL_FORWARD) -> List[Capture]:
+        """One Capture per image of the batch ``x`` (B, 3, H, W), layers in the order they were recorded."""
+        captures = []
+        for i in range(x.shape[0]):
+            layers = [Layer(point.module_name, point.kind, depth, None if kept is None else kept[i], point.label,
+                            shape, reduced[i])
+                      for depth, (point, shape, kept, reduced) in enumerate(self.outputs)]
+            image_logits = None if logits is None else logits[i].float().to(_host(logits))
+            image = x[i].to(_host(x), torch.float16) if self.keep_maps else None
+            captures.append(Capture(layers, image_logits, image, procedure))
+        return captures
 
 
 def _tokens_to_map(grid: Tuple[int, int], prefix: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -102,7 +170,7 @@ def _identity_map(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _resnet_points(model: nn.Module) -> List[_Point]:
+def _resnet_points(model: nn.Module) -> List[Point]:
     written_later = not _is_standard_timm_resnet(model)
     points = []
     conv_number = 0
@@ -110,10 +178,10 @@ def _resnet_points(model: nn.Module) -> List[_Point]:
         if isinstance(module, nn.ReLU) and (name == 'act1' or re.fullmatch(r'layer\d+\.\d+\.act\d+', name)):
             conv_number += 1  # every ReLU on the main path follows exactly one conv
             kind = 'stem' if name == 'act1' else 'relu'
-            points.append(_Point(name, kind, f'conv{conv_number}', _identity_map, written_later))
+            points.append(Point(name, kind, f'conv{conv_number}', _identity_map, written_later))
         elif re.fullmatch(r'layer\d+', name):
-            points.append(_Point(name, 'stage', name, _identity_map, written_later))
-    # a stage's output fires after its last ReLU: order them by forward execution (the recorder's order)
+            points.append(Point(name, 'stage', name, _identity_map, written_later))
+    # a stage's output fires after its last ReLU: the records come in forward execution order
     return points
 
 
@@ -131,13 +199,13 @@ def _is_standard_timm_resnet(model: nn.Module) -> bool:
     return all(type(block) in (BasicBlock, Bottleneck) for stage in stages for block in stage)
 
 
-def _vit_points(model: nn.Module, grid: Tuple[int, int], mlp_hidden: bool) -> List[_Point]:
+def _vit_points(model: nn.Module, grid: Tuple[int, int], mlp_hidden: bool) -> List[Point]:
     prefix = getattr(model, 'num_prefix_tokens', 1)
-    points = [_Point('patch_embed', 'patch_embed', 'patch tokens', _patch_embed_map(grid))]
+    points = [Point('patch_embed', 'patch_embed', 'patch tokens', _patch_embed_map(grid))]
     for i in range(len(model.blocks)):
         if mlp_hidden:
-            points.append(_Point(f'blocks.{i}.mlp.act', 'mlp_hidden', f'block {i + 1} MLP', _tokens_to_map(grid, prefix)))
-        points.append(_Point(f'blocks.{i}', 'block', f'block {i + 1}', _tokens_to_map(grid, prefix)))
+            points.append(Point(f'blocks.{i}.mlp.act', 'mlp_hidden', f'block {i + 1} MLP', _tokens_to_map(grid, prefix)))
+        points.append(Point(f'blocks.{i}', 'block', f'block {i + 1}', _tokens_to_map(grid, prefix)))
     return points
 
 
@@ -151,25 +219,31 @@ def _patch_embed_map(grid: Tuple[int, int]) -> Callable[[torch.Tensor], torch.Te
     return convert
 
 
-def _t2t_points(model: T2TViT, height: int, width: int, mlp_hidden: bool) -> List[_Point]:
+def t2t_module_points(model: T2TViT, height: int, width: int) -> List[Point]:
+    """The six Tokens-to-Token steps: three soft splits, two restructurizations, the projection."""
     grid1, grid2, grid3 = model.tokens_to_token.grid_sizes(height, width)
     t2t = 'tokens_to_token.'
-    points = [
-        _Point(t2t + 'soft_split0', 'soft_split', 'soft split 1', _tokens_to_map(grid1, 0)),
-        _Point(t2t + 'attention1', 'restructurization', 'restructurization 1', _tokens_to_map(grid1, 0)),
-        _Point(t2t + 'soft_split1', 'soft_split', 'soft split 2', _tokens_to_map(grid2, 0)),
-        _Point(t2t + 'attention2', 'restructurization', 'restructurization 2', _tokens_to_map(grid2, 0)),
-        _Point(t2t + 'soft_split2', 'soft_split', 'soft split 3', _tokens_to_map(grid3, 0)),
-        _Point(t2t + 'project', 'projection', 'T2T tokens', _tokens_to_map(grid3, 0)),
+    return [
+        Point(t2t + 'soft_split0', 'soft_split', 'soft split 1', _tokens_to_map(grid1, 0)),
+        Point(t2t + 'attention1', 'restructurization', 'restructurization 1', _tokens_to_map(grid1, 0)),
+        Point(t2t + 'soft_split1', 'soft_split', 'soft split 2', _tokens_to_map(grid2, 0)),
+        Point(t2t + 'attention2', 'restructurization', 'restructurization 2', _tokens_to_map(grid2, 0)),
+        Point(t2t + 'soft_split2', 'soft_split', 'soft split 3', _tokens_to_map(grid3, 0)),
+        Point(t2t + 'project', 'projection', 'T2T tokens', _tokens_to_map(grid3, 0)),
     ]
+
+
+def _t2t_points(model: T2TViT, height: int, width: int, mlp_hidden: bool) -> List[Point]:
+    grid = model.token_grid(height, width)
+    points = t2t_module_points(model, height, width)
     for i in range(len(model.blocks)):
         if mlp_hidden:
-            points.append(_Point(f'blocks.{i}.mlp.act', 'mlp_hidden', f'block {i + 1} MLP', _tokens_to_map(grid3, 1)))
-        points.append(_Point(f'blocks.{i}', 'block', f'block {i + 1}', _tokens_to_map(grid3, 1)))
+            points.append(Point(f'blocks.{i}.mlp.act', 'mlp_hidden', f'block {i + 1} MLP', _tokens_to_map(grid, 1)))
+        points.append(Point(f'blocks.{i}', 'block', f'block {i + 1}', _tokens_to_map(grid, 1)))
     return points
 
 
-def layer_points(model: nn.Module, height: int, width: int, mlp_hidden: bool = False) -> Optional[List[_Point]]:
+def layer_points(model: nn.Module, height: int, width: int, mlp_hidden: bool = False) -> Optional[List[Point]]:
     """The hook points of a known model family, or None (then forward_intermediates is used)."""
     if isinstance(model, T2TViT):
         return _t2t_points(model, height, width, mlp_hidden)
@@ -180,7 +254,21 @@ def layer_points(model: nn.Module, height: int, width: int, mlp_hidden: bool = F
     return None
 
 
-def _hook(owner: '_Recorder', module_name: str, module: nn.Module, inputs, output) -> None:
+def select_points(points: List[Point], wanted: Optional[Collection[str]]) -> List[Point]:
+    """The points named (module path or label) in ``wanted``, in model order; all when ``wanted`` is None."""
+    if wanted is None:
+        return points
+    wanted = set(wanted)
+    chosen = [p for p in points if p.module_name in wanted or p.label in wanted]
+    found = {p.module_name for p in chosen} | {p.label for p in chosen}
+    unknown = sorted(w for w in wanted if w not in found)
+    if unknown:
+        names = ', '.join(p.label for p in points[:6])
+        raise ValueError(f'no layers {unknown} in this model (labels such as {names}, ...)')
+    return chosen
+
+
+def _hook(owner: Recorder, module_name: str, module: nn.Module, inputs, output) -> None:
     recorder = _active_recorder.get()
     if recorder is not owner:
         return  # a hook of another capture, or a forward pass of another caller
@@ -189,16 +277,8 @@ def _hook(owner: '_Recorder', module_name: str, module: nn.Module, inputs, outpu
         recorder.record(point, output)
 
 
-def _storer(dtype: torch.dtype, max_side: Optional[int]) -> Callable[[torch.Tensor, bool], torch.Tensor]:
-    def store(fmap: torch.Tensor, must_copy: bool) -> torch.Tensor:
-        fmap = fmap.detach()
-        if max_side and max(fmap.shape[-2:]) > max_side:
-            fmap = torch.nn.functional.adaptive_avg_pool2d(fmap.float(), max_side)
-            must_copy = False
-        # a map that is still the module's own memory and may be written later is copied, so that later
-        # in-place ops cannot change what was recorded; maps already rebuilt from tokens are not copied twice
-        return fmap.to(device='cpu', dtype=dtype, copy=must_copy)
-    return store
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def run(
@@ -207,55 +287,74 @@ def run(
         mlp_hidden: bool = False,
         dtype: torch.dtype = torch.float32,
         max_side: Optional[int] = None,
+        layers: Optional[Collection[str]] = None,
+        keep_maps: bool = True,
+        reduce: Optional[Callable[[torch.Tensor], Any]] = None,
+        progress: Optional[Callable[[int, int], None]] = None,
+        stop_early: bool = False,
 ) -> List[Capture]:
     """Run ``x`` (B, 3, H, W) through ``model`` once; one Capture per image, layers in forward order.
 
-    ``dtype=torch.float16`` halves what is kept; ``max_side`` keeps average-pooled copies no larger than
-    that (for display; statistics want the full maps).
+    Args:
+        layers: module paths or labels to record (default: every layer of the model).
+        keep_maps: keep each map (else only ``reduce``'s results and shapes are kept).
+        dtype: dtype of kept maps (``torch.float16`` halves them; values beyond its range are clamped).
+        max_side: keep average-pooled copies no larger than this (for display; ``reduce`` sees full maps).
+        reduce: called on every full (C, H, W) map of every image inside the hook; its result is
+            ``Layer.stats``. It must not keep the map.
+        progress: called with (layers recorded, layers to record) as the pass goes.
+        stop_early: stop the pass after the last requested layer (logits are then None).
     """
     B, _, height, width = x.shape
     points = layer_points(model, height, width, mlp_hidden)
     if points is None:
-        return _run_intermediates(model, x, dtype)
+        return _run_intermediates(model, x, dtype, keep_maps, reduce)
+    points = select_points(points, layers)
     modules = dict(model.named_modules())
     missing = [p.module_name for p in points if p.module_name not in modules]
     if missing:
         raise ValueError(f'model has no modules {missing[:3]} to capture')
-    recorder = _Recorder({p.module_name: p for p in points}, _storer(dtype, max_side))
+    recorder = Recorder(points, dtype, max_side, keep_maps, reduce, progress,
+                        stop_after=points[-1].module_name if stop_early and points else None)
     handles = []
     token = _active_recorder.set(recorder)
+    logits = None
     try:
         with _hook_registry_lock:
             for point in points:
                 hook = functools.partial(_hook, recorder, point.module_name)
                 handles.append(modules[point.module_name].register_forward_hook(hook))
         with torch.inference_mode():
-            logits = model(x.to(next(model.parameters()).device))
+            logits = model(x.to(model_device(model)))
+    except _StopForward:
+        pass
     finally:
         _active_recorder.reset(token)
         with _hook_registry_lock:
             for handle in handles:
                 handle.remove()
-    return _split_per_image(recorder.outputs, logits, x)
+    return recorder.captures(logits, x)
 
 
-def _split_per_image(outputs: List[Tuple[_Point, torch.Tensor]], logits: torch.Tensor, x: torch.Tensor) -> List[Capture]:
-    captures = []
-    for i in range(x.shape[0]):
-        layers = [Layer(point.module_name, point.kind, depth, fmaps[i], point.label)
-                  for depth, (point, fmaps) in enumerate(outputs)]
-        captures.append(Capture(layers, logits[i].float().cpu(), x[i].cpu()))
-    return captures
-
-
-def _run_intermediates(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> List[Capture]:
+def _run_intermediates(model: nn.Module, x: torch.Tensor, dtype: torch.dtype, keep_maps: bool,
+                       reduce: Optional[Callable[[torch.Tensor], Any]]) -> List[Capture]:
     """Any other timm model: its own forward_intermediates gives the maps, forward_head the logits."""
     if not hasattr(model, 'forward_intermediates'):
         raise ValueError(f'{type(model).__name__} has no forward_intermediates and no known layer layout')
     with torch.inference_mode():
-        final, intermediates = model.forward_intermediates(x.to(next(model.parameters()).device))
+        final, intermediates = model.forward_intermediates(x.to(model_device(model)))
         logits = model.forward_head(final)
-    store = _storer(dtype, None)
-    point = [_Point(f'intermediates.{i}', 'intermediate', f'stage {i + 1}', _identity_map)
-             for i in range(len(intermediates))]
-    return _split_per_image([(p, store(t, True)) for p, t in zip(point, intermediates)], logits, x)
+    points = [Point(f'intermediates.{i}', 'intermediate', f'stage {i + 1}', _identity_map)
+              for i in range(len(intermediates))]
+    recorder = Recorder(points, dtype, None, keep_maps, reduce)
+    for point, output in zip(points, intermediates):
+        recorder.record(point, output)
+    return recorder.captures(logits, x)
+
+
+def pooled_size(height: int, width: int, max_side: int) -> Tuple[int, int]:
+    """The (h, w) a map of (height, width) is kept at under ``max_side`` (aspect ratio kept)."""
+    if max(height, width) <= max_side:
+        return height, width
+    scale = max_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))

@@ -13,8 +13,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform
 
-__all__ = ['ImageError', 'MAX_PIXELS', 'load_image', 'image_hash', 'find_images', 'preprocess',
-           'check_input_size', 'IMAGE_EXTENSIONS']
+__all__ = ['ImageError', 'MAX_PIXELS', 'load_image', 'image_hash', 'find_images', 'preprocess', 'preprocess_batch',
+           'IMAGE_EXTENSIONS']
 
 MAX_PIXELS = 64_000_000  # larger images are refused as possible decompression bombs
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif', '.tiff')
@@ -93,51 +93,6 @@ def find_images(paths: Iterable[Union[str, os.PathLike]]) -> Iterator[Path]:
             yield from sorted(p for p in path.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         else:
             yield path
-
-
-def check_input_size(img_size: int, model_name: str, available_bytes: int | None = None) -> None:
-    """Refuse an input size that is not a multiple of 16, or whose activations would not fit in memory."""
-    if img_size < 32 or img_size % 16:
-        raise ImageError(f'input size {img_size} must be a multiple of 16 (at least 32)')
-    estimate = estimate_memory_bytes(img_size, model_name)
-    if available_bytes is None:
-        available_bytes = _available_memory_bytes()
-    if estimate > available_bytes:
-        raise ImageError(
-            f'input size {img_size} for {model_name} needs about {estimate / 2**30:.1f} GiB for one image, '
-            f'but only {available_bytes / 2**30:.1f} GiB is available; choose a smaller size')
-
-
-def estimate_memory_bytes(img_size: int, model_name: str) -> int:
-    """Rough peak bytes of one forward pass with capture at ``img_size`` (float32).
-
-    Dominated, for token models, by full attention matrices (heads x N x N); for T2T Transformer layers N
-    is the 1st soft split's token count, (img_size / 4)^2, so memory is quadratic in it.
-    """
-    stride = 4 if model_name.startswith('t2t_vit') else 16
-    n_first = (img_size // stride) ** 2
-    pixels = img_size * img_size
-    base = 4 * pixels * 3 * 200  # activations kept for display, all layers, with headroom
-    if model_name.startswith('t2t_vit_t'):
-        attention = 4 * n_first * n_first  # one head, materialised when no fused kernel applies
-    elif model_name.startswith(('vit_', 't2t_vit')):
-        heads = 16
-        n_tokens = (img_size // 16) ** 2
-        attention = 4 * heads * n_tokens * n_tokens
-    else:
-        attention = 0
-    return int(base + attention)
-
-
-def _available_memory_bytes() -> int:
-    try:
-        with open('/proc/meminfo') as f:
-            for line in f:
-                if line.startswith('MemAvailable:'):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 * 2**30
 
 
 def _eval_transform(data_config: dict):

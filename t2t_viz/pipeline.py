@@ -3,31 +3,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import List, Tuple
+from typing import Callable, Collection, List, Optional, Tuple
 
 import torch
 from PIL import Image
 from timm.data import ImageNetInfo
 
-from . import capture
+from . import capture, memory, procedures, zoo
 from .images import preprocess_batch
-from .stats import LayerSummary, Thresholds, summarize
+from .stats import LayerSummary, Thresholds, layer_stats, summarize
 from .zoo import LoadedModel, WeightsInfo
 
-__all__ = ['ModelResult', 'inspect_images', 'top_k']
+__all__ = ['ModelResult', 'inspect_images', 'run_batch', 'memory_estimate', 'layer_labels', 'top_k', 'DISPLAY_SIDE']
+
+DISPLAY_SIDE = 128  # kept display maps are average-pooled to at most this many pixels a side
 
 
 @dataclass
 class ModelResult:
-    """One model's view of one image."""
-    model: str
+    """One model's view of one image, by one procedure."""
+    model: str  # the name as asked for, pretrained tag included when one was given
     weights: WeightsInfo
     capture: capture.Capture
     summaries: List[LayerSummary]
-    top5: List[Tuple[str, float]]  # (class description, probability)
+    top5: List[Tuple[str, float]]  # (class description, probability); empty when the procedure has no logits
+
+    @property
+    def procedure(self) -> str:
+        return self.capture.procedure
 
     def rows(self, image_name: str) -> List[dict]:
-        return [s.row(image_name, self.model, self.weights.label) for s in self.summaries]
+        return [s.row(image_name, self.model, self.weights.label, self.procedure) for s in self.summaries]
 
 
 @lru_cache(maxsize=1)
@@ -35,7 +41,9 @@ def _imagenet() -> ImageNetInfo:
     return ImageNetInfo()
 
 
-def top_k(logits: torch.Tensor, k: int = 5) -> List[Tuple[str, float]]:
+def top_k(logits: Optional[torch.Tensor], k: int = 5) -> List[Tuple[str, float]]:
+    if logits is None:
+        return []
     probs = logits.float().softmax(-1)
     values, indices = probs.topk(min(k, probs.numel()))
     info = _imagenet() if probs.numel() == 1000 else None
@@ -43,12 +51,76 @@ def top_k(logits: torch.Tensor, k: int = 5) -> List[Tuple[str, float]]:
             for v, i in zip(values.tolist(), indices.tolist())]
 
 
-def inspect_images(loaded: LoadedModel, images: List[Image.Image], thresholds: Thresholds = Thresholds(),
-                   mlp_hidden: bool = False, dtype: torch.dtype = torch.float32) -> List[ModelResult]:
-    """One forward pass of the batch through the model; statistics per image and layer."""
-    x = preprocess_batch(images, loaded.data_config)  # (B, 3, H, W)
-    results = []
-    for cap in capture.run(loaded.model, x, mlp_hidden=mlp_hidden, dtype=dtype):
-        summaries = [summarize(layer, thresholds) for layer in cap.layers]
-        results.append(ModelResult(loaded.name, loaded.weights, cap, summaries, top_k(cap.logits)))
-    return results
+def run_batch(loaded: LoadedModel, images: List[Image.Image], procedure: str = capture.REAL_FORWARD,
+              **options) -> List[capture.Capture]:
+    """Preprocess ``images`` as ``procedure`` does and capture them in one pass (options of capture.run)."""
+    if procedure == capture.REAL_FORWARD:
+        x = preprocess_batch(images, loaded.data_config)  # (B, 3, H, W), the model's own transform
+    else:
+        x = procedures.notebook_input(images, loaded.img_size)  # (B, 3, S, S) in [0, 1]
+    return _capture(loaded.model, x, procedure, **options)
+
+
+def _capture(model: torch.nn.Module, x: torch.Tensor, procedure: str, **options) -> List[capture.Capture]:
+    if procedure == capture.REAL_FORWARD:
+        return capture.run(model, x, **options)
+    options.pop('mlp_hidden', None)
+    options.pop('stop_early', None)
+    return procedures.run_notebook(model, x, **options)
+
+
+def layer_labels(loaded: LoadedModel, procedure: str = capture.REAL_FORWARD) -> List[str]:
+    """The labels of the layers ``procedure`` records for this model at its input size (nothing is run)."""
+    size = loaded.img_size
+    if procedure == capture.REAL_FORWARD:
+        points = capture.layer_points(loaded.model, size, size)
+        if points is None:
+            raise ValueError(f'{loaded.request}: layers are known only after a forward pass')
+    else:
+        points = procedures.notebook_points(loaded.model, size, size)
+    return [p.label for p in points]
+
+
+@lru_cache(maxsize=256)
+def memory_estimate(name: str, img_size: int, batch: int = 1, procedure: str = capture.REAL_FORWARD,
+                    mlp_hidden: bool = False, dtype: torch.dtype = torch.float32, max_side: Optional[int] = None,
+                    keep_maps: bool = True, layers: Optional[Tuple[str, ...]] = None,
+                    stop_early: bool = False) -> memory.MemoryEstimate:
+    """What :func:`inspect_images` with these options needs for ``batch`` images of ``img_size``.
+
+    The same capture code runs shape-only on a meta-device copy of the model (see :mod:`t2t_viz.memory`).
+    """
+    model = zoo.build_on_meta(name, img_size)
+
+    def run(x: torch.Tensor) -> List[capture.Capture]:
+        return _capture(model, x, procedure, mlp_hidden=mlp_hidden, dtype=dtype, max_side=max_side,
+                        keep_maps=keep_maps, layers=layers, reduce=layer_stats, stop_early=stop_early)
+
+    peak, kept = memory.measure_run(run, (batch, 3, img_size, img_size))
+    return memory.MemoryEstimate(memory.module_bytes(model), peak, kept)
+
+
+def inspect_images(
+        loaded: LoadedModel,
+        images: List[Image.Image],
+        thresholds: Thresholds = Thresholds(),
+        mlp_hidden: bool = False,
+        dtype: torch.dtype = torch.float32,
+        max_side: Optional[int] = None,
+        keep_maps: bool = True,
+        layers: Optional[Collection[str]] = None,
+        procedure: str = capture.REAL_FORWARD,
+        progress: Optional[Callable[[int, int], None]] = None,
+        stop_early: bool = False,
+) -> List[ModelResult]:
+    """One pass of the batch through the model; statistics per image and layer, reduced from full maps.
+
+    ``procedure`` is ``'real_forward'`` or ``'paper_notebook'`` (see :mod:`t2t_viz.procedures`); the
+    other options are those of :func:`t2t_viz.capture.run`.
+    """
+    captures = run_batch(loaded, images, procedure, mlp_hidden=mlp_hidden, dtype=dtype, max_side=max_side,
+                         keep_maps=keep_maps, layers=layers, reduce=layer_stats, progress=progress,
+                         stop_early=stop_early)
+    return [ModelResult(loaded.request, loaded.weights, cap, [summarize(layer, thresholds) for layer in cap.layers],
+                        top_k(cap.logits))
+            for cap in captures]

@@ -1,6 +1,7 @@
-"""Channel grids and overlays as RGB arrays (PNG on disk for the CLI, images in the app)."""
+"""Pictures of layers as RGB arrays: channel grids, overlays, PCA colour maps, token-norm maps (PNG for the CLI)."""
 from __future__ import annotations
 
+import io
 import math
 from typing import List, Optional, Sequence
 
@@ -8,14 +9,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .analysis import pca_rgb
 from .stats import LayerSummary
 
-__all__ = ['DEAD_COLOR', 'MASSIVE_COLOR', 'FLAT_COLOR', 'normalize_channels', 'order_channels', 'channel_grid',
-           'colorize', 'overlay', 'save_png']
+__all__ = ['DEAD_COLOR', 'MASSIVE_COLOR', 'FLAT_COLOR', 'HIGH_NORM_COLOR', 'COLORMAPS', 'normalize_channels',
+           'order_channels', 'channel_grid', 'colorize', 'overlay', 'blend', 'upscale', 'pca_image', 'norm_image',
+           'save_png', 'png_bytes']
 
 DEAD_COLOR = (230, 25, 25)
 MASSIVE_COLOR = (255, 170, 0)
 FLAT_COLOR = (60, 120, 255)
+HIGH_NORM_COLOR = (255, 40, 40)
 _VIRIDIS_STOPS = ['#440154', '#482878', '#3e4989', '#31688e', '#26828e', '#1f9e89', '#35b779', '#6ece58',
                   '#b5de2b', '#fde725']
 
@@ -27,7 +31,7 @@ def _viridis_lut() -> np.ndarray:
     return np.stack([np.interp(grid, positions, stops[:, k]) for k in range(3)], axis=1).round().astype(np.uint8)
 
 
-_LUT = _viridis_lut()
+COLORMAPS = {'viridis': _viridis_lut(), 'gray': np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)}
 
 
 def normalize_channels(fmap: torch.Tensor) -> np.ndarray:
@@ -43,9 +47,9 @@ def normalize_channels(fmap: torch.Tensor) -> np.ndarray:
     return scaled.reshape(fmap.shape).numpy()
 
 
-def colorize(unit: np.ndarray) -> np.ndarray:
-    """(H, W) values in [0, 1] -> (H, W, 3) uint8 viridis."""
-    return _LUT[np.clip((unit * 255).round(), 0, 255).astype(np.uint8)]
+def colorize(unit: np.ndarray, cmap: str = 'viridis') -> np.ndarray:
+    """(H, W) values in [0, 1] -> (H, W, 3) uint8 in a colour map ('viridis', or 'gray' as the notebooks drew)."""
+    return COLORMAPS[cmap][np.clip((unit * 255).round(), 0, 255).astype(np.uint8)]
 
 
 def order_channels(summary: LayerSummary, sort: str = 'index', flagged_only: bool = False,
@@ -65,7 +69,8 @@ def order_channels(summary: LayerSummary, sort: str = 'index', flagged_only: boo
 
 
 def channel_grid(fmap: torch.Tensor, summary: Optional[LayerSummary] = None, channels: Optional[Sequence[int]] = None,
-                 columns: Optional[int] = None, cell: Optional[int] = None, border: int = 2) -> np.ndarray:
+                 columns: Optional[int] = None, cell: Optional[int] = None, border: int = 2,
+                 cmap: str = 'viridis') -> np.ndarray:
     """One composite RGB image of the chosen channels of a (C, H, W) map.
 
     Each channel is scaled by its own range (constant ones drawn dark) and framed: red for dead, orange for
@@ -88,8 +93,9 @@ def channel_grid(fmap: torch.Tensor, summary: Optional[LayerSummary] = None, cha
     massive = set(summary.massive_ids) if summary else set()
     flat = set(summary.flat_ids) if summary else set()
     for slot, channel in enumerate(channels):
-        tile = colorize(unit[slot])
-        tile = np.asarray(Image.fromarray(tile).resize((cell_w, cell_h), Image.NEAREST))
+        tile = colorize(unit[slot], cmap)
+        shrink = cell_w < tile.shape[1]  # average when shrinking a large map, keep token squares when enlarging
+        tile = np.asarray(Image.fromarray(tile).resize((cell_w, cell_h), Image.BOX if shrink else Image.NEAREST))
         frame = DEAD_COLOR if channel in dead else MASSIVE_COLOR if channel in massive else \
             FLAT_COLOR if channel in flat else (90, 90, 90)
         top, left = (slot // columns) * pitch_h + 1, (slot % columns) * pitch_w + 1
@@ -101,9 +107,54 @@ def channel_grid(fmap: torch.Tensor, summary: Optional[LayerSummary] = None, cha
 def overlay(channel_map: torch.Tensor, image: Image.Image, alpha: float = 0.5) -> np.ndarray:
     """(H, W) map resized onto the (RGB) image and blended, as (H_img, W_img, 3) uint8."""
     unit = normalize_channels(channel_map.unsqueeze(0))[0]
-    heat = Image.fromarray(colorize(unit)).resize(image.size, Image.BILINEAR)
-    return np.asarray(Image.blend(image.convert('RGB'), heat, alpha))
+    return blend(colorize(unit), image, alpha)
+
+
+def blend(rgb: np.ndarray, image: Image.Image, alpha: float = 0.5, resample=Image.BILINEAR) -> np.ndarray:
+    """An (h, w, 3) uint8 picture resized onto the image and blended, as (H_img, W_img, 3) uint8."""
+    picture = Image.fromarray(rgb).resize(image.size, resample)
+    return np.asarray(Image.blend(image.convert('RGB'), picture, alpha))
+
+
+def upscale(rgb: np.ndarray, min_side: int = 224) -> np.ndarray:
+    """Nearest-neighbour enlargement of a small (h, w, 3) picture so each token stays a visible square."""
+    factor = max(1, math.ceil(min_side / max(rgb.shape[:2])))
+    return rgb.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def pca_image(fmap: torch.Tensor) -> np.ndarray:
+    """The layer's first three principal components as an (H, W, 3) uint8 RGB picture on its grid."""
+    return (pca_rgb(fmap) * 255).round().astype(np.uint8)
+
+
+def norm_image(token_norms: torch.Tensor, high_norm: Optional[torch.Tensor] = None, min_side: int = 224) -> np.ndarray:
+    """(H, W) token norms in viridis, enlarged; high-norm tokens outlined red (filled red on dense grids)."""
+    norms = token_norms.float()
+    low, high = float(norms.min()), float(norms.max())
+    unit = ((norms - low) / (high - low)).numpy() if high > low else np.zeros(tuple(norms.shape))
+    picture = upscale(colorize(unit), min_side)
+    factor = picture.shape[0] // unit.shape[0]
+    if high_norm is None or not bool(high_norm.any()):
+        return picture
+    rows, cols = np.nonzero(high_norm.numpy())
+    if factor < 4:  # too small to outline: mark the token itself
+        for row, col in zip(rows, cols):
+            picture[row * factor:(row + 1) * factor, col * factor:(col + 1) * factor] = HIGH_NORM_COLOR
+        return picture
+    width = max(1, factor // 6)
+    for row, col in zip(rows, cols):
+        top, left = row * factor, col * factor
+        cell = picture[top:top + factor, left:left + factor]
+        cell[:width], cell[-width:], cell[:, :width], cell[:, -width:] = (HIGH_NORM_COLOR,) * 4
+    return picture
 
 
 def save_png(array: np.ndarray, path: str) -> None:
     Image.fromarray(array).save(path, format='PNG')
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """The picture encoded as PNG, for download buttons."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format='PNG')
+    return buffer.getvalue()

@@ -314,7 +314,7 @@ class T2TViT(nn.Module):
         self.register_buffer('pos_embed', sinusoid_position_table(num_patches + 1, embed_dim))  # (1, 1+N, C)
         self.pos_drop = nn.Dropout(p=drop_rate)
 
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]  # stochastic depth decay rule
+        dpr = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]  # stochastic depth decay rule
         self.blocks = nn.Sequential(*[
             Block(
                 dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
