@@ -1,24 +1,29 @@
-"""Command line: ``python -m t2t_viz COMMAND ...``."""
+"""Command line: ``t2t-viz COMMAND ...`` (or ``python -m t2t_viz COMMAND ...``)."""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from typing import Dict, List, Optional, Sequence, TextIO
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, TextIO
 
 import torch
 from PIL import Image
 
-from . import zoo
+from . import __version__, zoo
 from .allocator import reuse_freed_memory
+from .capture import REAL_FORWARD
+from .figure import DEFAULT_CHANNELS, DEFAULT_SIZE, Panel, compose, figure_layers, heading_for
 from .images import ImageError, find_images, load_image, preprocess
+from .memory import InsufficientMemory, available_bytes, format_bytes
 from .models import T2TViT
-from .pipeline import ModelResult, inspect_images
-from .render import channel_grid, order_channels, save_png
+from .pipeline import DISPLAY_SIDE, ModelResult, inspect_images, layer_labels, memory_estimate
+from .procedures import PAPER_NOTEBOOK, PROCEDURES
+from .render import channel_grid, norm_image, order_channels, pca_image, save_png, upscale
 from .stats import PER_CHANNEL_COLUMNS, DeadChannelCounter, Thresholds, write_csv
 from .zoo import LoadedModel
 
-__all__ = ['main']
+__all__ = ['main', 'build_parser']
 
 
 class UserError(Exception):
@@ -51,6 +56,49 @@ def _parse_checkpoints(items: List[str]) -> Dict[str, str]:
     return checkpoints
 
 
+def _show_progress(args: argparse.Namespace) -> bool:
+    return sys.stderr.isatty() or args.verbose
+
+
+@contextmanager
+def _byte_progress(label: str, enabled: bool) -> Iterator[Callable[[int, Optional[int]], None]]:
+    """A tqdm bar of bytes for a download, as a (done, total) callback."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=label, unit='B', unit_scale=True, unit_divisor=1024, disable=not enabled, leave=False)
+
+    def update(done: int, total: Optional[int]) -> None:
+        if total and bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+@contextmanager
+def _layer_progress(label: str, enabled: bool) -> Iterator[Callable[[int, int], None]]:
+    """A tqdm bar of layers recorded during one long forward pass."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=label, unit='layer', disable=not enabled, leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def _model_names(args: argparse.Namespace) -> List[str]:
+    return list(args.model or zoo.PRESETS[args.preset])
+
+
 def _load_models(args: argparse.Namespace, names: Sequence[str]) -> Dict[str, LoadedModel]:
     checkpoints = _parse_checkpoints(args.checkpoint)
     unknown = set(checkpoints) - set(names)
@@ -59,16 +107,38 @@ def _load_models(args: argparse.Namespace, names: Sequence[str]) -> Dict[str, Lo
     loaded = {}
     for name in names:
         try:
-            loaded[name] = zoo.load(name, checkpoint=checkpoints.get(name), img_size=args.img_size,
-                                    device=args.device)
-        except (zoo.WeightsError, ImageError) as e:
+            with _byte_progress(f'{name} weights', _show_progress(args)) as progress:
+                loaded[name] = zoo.load(name, checkpoint=checkpoints.get(name), img_size=args.img_size,
+                                        device=args.device, progress=progress)
+        except (zoo.WeightsError, ImageError, InsufficientMemory) as e:
             raise UserError(str(e)) from e
         sys.stderr.write(f'{name}: {loaded[name].weights.describe()}\n')
     return loaded
 
 
 def _thresholds(args: argparse.Namespace) -> Thresholds:
-    return Thresholds(dead_atol=args.dead_atol, flat_atol=args.flat_atol, massive_factor=args.massive_factor)
+    return Thresholds(dead_atol=args.dead_atol, flat_atol=args.flat_atol, massive_factor=args.massive_factor,
+                      high_norm_factor=args.high_norm_factor)
+
+
+def _procedures(args: argparse.Namespace) -> List[str]:
+    return list(PROCEDURES) if args.procedure == 'both' else [args.procedure]
+
+
+def fitting_batch(name: str, img_size: int, wanted: int, procedure: str, mlp_hidden: bool,
+                  available: Optional[int] = None) -> int:
+    """The largest batch, at most ``wanted``, whose statistics-only pass fits in the available memory."""
+    available = available_bytes() if available is None else available
+    batch = wanted
+    while True:
+        estimate = memory_estimate(name, img_size, batch, procedure, mlp_hidden=mlp_hidden, keep_maps=False)
+        if estimate.peak <= available:
+            return batch
+        if batch == 1:
+            raise UserError(f'{name} at {img_size}x{img_size} needs about {format_bytes(estimate.peak)} for one '
+                            f'image, but only {format_bytes(available)} of memory is available; choose a smaller '
+                            '--img-size')
+        batch = max(1, batch // 2)
 
 
 def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
@@ -77,14 +147,23 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
     paths = list(find_images(args.paths))
     if not paths:
         raise UserError('no image files found in ' + ', '.join(args.paths))
-    loaded = _load_models(args, args.model or list(zoo.DEFAULT_MODELS))
+    loaded = _load_models(args, _model_names(args))
     counter = DeadChannelCounter() if args.per_channel else None
     thresholds = _thresholds(args)
+    batches = {}
+    for name, model in loaded.items():
+        for procedure in _procedures(args):
+            batch = fitting_batch(name, model.img_size, args.batch_size, procedure, args.mlp_hidden)
+            if batch < args.batch_size:
+                sys.stderr.write(f'{name} at {model.img_size}x{model.img_size}: batch {args.batch_size} would not '
+                                 f'fit in memory; using batches of {batch}\n')
+            batches[name, procedure] = batch
     failed = 0
-    with open(args.output, 'w', newline='') as csv_file:
+    show = _show_progress(args)
+    with open(args.output, 'w', newline='') as csv_file, tqdm(total=len(paths), desc='images', unit='image',
+                                                             disable=not show) as image_bar:
         write_csv([], csv_file)
-        for start in tqdm(range(0, len(paths), args.batch_size), desc='images', unit='batch',
-                          disable=not sys.stderr.isatty() and not args.verbose):
+        for start in range(0, len(paths), args.batch_size):
             batch_paths, images = [], []
             for path in paths[start:start + args.batch_size]:
                 try:
@@ -93,15 +172,20 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
                 except ImageError as e:
                     failed += 1
                     sys.stderr.write(f'skipped: {e}\n')
-            if not images:
-                continue
             for name, model in loaded.items():
-                for path, result in zip(batch_paths, inspect_images(
-                        model, images, thresholds, mlp_hidden=args.mlp_hidden)):
-                    write_csv(result.rows(path), csv_file, header=False)
-                    if counter:
-                        for summary in result.summaries:
-                            counter.add(name, result.weights.label, summary)
+                for procedure in _procedures(args):
+                    step = batches[name, procedure]
+                    for first in range(0, len(images), step):
+                        with _layer_progress(f'{name} {procedure}', show) as progress:
+                            results = inspect_images(model, images[first:first + step], thresholds,
+                                                     mlp_hidden=args.mlp_hidden, keep_maps=False,
+                                                     procedure=procedure, progress=progress)
+                        for path, result in zip(batch_paths[first:first + step], results):
+                            write_csv(result.rows(path), csv_file, header=False)
+                            if counter:
+                                for summary in result.summaries:
+                                    counter.add(name, result.weights.label, summary)
+            image_bar.update(len(paths[start:start + args.batch_size]))
     if counter:
         with open(args.per_channel, 'w', newline='') as f:
             write_csv(counter.rows(), f, PER_CHANNEL_COLUMNS)
@@ -135,6 +219,26 @@ def _cmd_stages(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _check_run_fits(loaded: LoadedModel, procedure: str, **options) -> None:
+    estimate = memory_estimate(loaded.request, loaded.img_size, 1, procedure, **options)
+    available = available_bytes()
+    if estimate.peak > available:
+        raise UserError(f'{loaded.request} at {loaded.img_size}x{loaded.img_size} needs about '
+                        f'{format_bytes(estimate.peak)}, but only {format_bytes(available)} of memory is available')
+
+
+def _single_result(args: argparse.Namespace, loaded: LoadedModel, image: Image.Image,
+                   layers: Optional[Sequence[str]] = None) -> ModelResult:
+    options = dict(dtype=torch.float16, max_side=args.display_side, layers=tuple(layers) if layers else None)
+    try:
+        _check_run_fits(loaded, args.procedure, stop_early=bool(layers), **options)
+        with _layer_progress(f'{loaded.request} {args.procedure}', _show_progress(args)) as progress:
+            return inspect_images(loaded, [image], _thresholds(args), procedure=args.procedure, progress=progress,
+                                  stop_early=bool(layers), **options)[0]
+    except ValueError as e:
+        raise UserError(f'{loaded.request}: {e}') from e
+
+
 def _find_layer(result: ModelResult, wanted: str):
     for layer, summary in zip(result.capture.layers, result.summaries):
         if wanted in (layer.name, layer.label, str(layer.depth)):
@@ -147,55 +251,108 @@ def _find_layer(result: ModelResult, wanted: str):
 def _cmd_render(args: argparse.Namespace, out: TextIO) -> int:
     image = _load_one_image(args.image)
     loaded = _load_models(args, [args.model])[args.model]
-    result = inspect_images(loaded, [image], _thresholds(args), mlp_hidden=args.mlp_hidden)[0]
+    result = _single_result(args, loaded, image)
     layer, summary = _find_layer(result, args.layer)
-    channels = order_channels(summary, sort=args.sort, flagged_only=args.flagged_only, limit=args.channels)
-    save_png(channel_grid(layer.fmap, summary, channels), args.output)
-    out.write(f'{args.output}: {args.model} {layer.name} ({layer.label}), {len(channels)} of {layer.channels} '
-              f'channels, {summary.dead} dead, {summary.massive} massive, weights {loaded.weights.label}\n')
+    if args.mode == 'grid':
+        channels = order_channels(summary, sort=args.sort, flagged_only=args.flagged_only, limit=args.channels)
+        picture = channel_grid(layer.fmap, summary, channels, cmap=args.cmap)
+        what = f'{len(channels)} of {layer.channels} channels'
+    elif args.mode == 'pca':
+        picture = upscale(pca_image(layer.fmap))
+        what = 'first three principal components as RGB'
+    else:
+        picture = norm_image(summary.token_norms, summary.high_norm_mask())
+        what = (f'token norms, {summary.high_norm_tokens} high-norm (over {summary.high_norm_factor:g}x the median '
+                f'{summary.median_token_norm:.3g}) outlined')
+    save_png(picture, args.output)
+    out.write(f'{args.output}: {args.model} {layer.name} ({layer.label}), {what}, {summary.dead} dead, '
+              f'{summary.massive} massive, weights {loaded.weights.label}, {result.procedure}\n')
+    return 0
+
+
+def _cmd_figure2(args: argparse.Namespace, out: TextIO) -> int:
+    image = _load_one_image(args.image)
+    loaded = _load_models(args, _model_names(args))
+    rows = []
+    for name, model in loaded.items():
+        labels = layer_labels(model, args.procedure)
+        result = _single_result(args, model, image, layers=figure_layers(labels))
+        rows.append([Panel(name, layer, summary, result.procedure, model.weights.label)
+                     for layer, summary in zip(result.capture.layers, result.summaries)])
+    picture = compose(rows, channels=args.channels, mode=args.mode, cmap=args.cmap,
+                      heading=heading_for(args.image, args.img_size, args.procedure))
+    save_png(picture, args.output)
+    for row in rows:
+        for panel in row:
+            out.write(panel.title.replace('\n', ' · ') + '\n')
+    out.write(f'{args.output}: Figure 2 at {args.img_size}x{args.img_size}, {args.procedure}\n')
     return 0
 
 
 def _cmd_weights(args: argparse.Namespace, out: TextIO) -> int:
-    for name in args.model or zoo.DEFAULT_MODELS:
+    names = args.model or list(dict.fromkeys(name for preset in zoo.PRESETS.values() for name in preset))
+    failed = 0
+    for name in names:
         status = zoo.weights_status(name)
         if args.download and not status.trained:
             try:
-                status = zoo.download(name)
+                with _byte_progress(name, True) as progress:
+                    status = zoo.download(name, progress)
             except zoo.WeightsError as e:
-                out.write(f'{name:<24} {e}\n')
+                out.write(f'{name:<44} {e}\n')
+                failed += 1
                 continue
-        out.write(f'{name:<24} {status.describe()}\n')
-    return 0
+        out.write(f'{name:<44} {status.describe()}\n')
+    return 1 if failed else 0
 
 
-def _add_model_options(parser: argparse.ArgumentParser, many: bool) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, many: bool, default_size: Optional[int] = None) -> None:
     if many:
-        parser.add_argument('--model', action='append', help='repeatable; default: the trio '
-                            + ', '.join(zoo.DEFAULT_MODELS))
+        parser.add_argument('--model', action='append', help='repeatable; default: the trio of --preset')
+        parser.add_argument('--preset', default=zoo.DEFAULT_PRESET, choices=sorted(zoo.PRESETS),
+                            help="the trio's weights: 'paper' (those Figure 2 used) or 'timm' (today's defaults)")
     parser.add_argument('--checkpoint', action='append', default=[], metavar='MODEL=PATH',
                         help='weights file for a model (repeatable)')
-    parser.add_argument('--img-size', type=int, help='input size, a multiple of 16 (default: the model\'s own)')
+    parser.add_argument('--img-size', type=int, default=default_size,
+                        help='input size, a multiple of 16 (default: ' + (str(default_size) if default_size
+                                                                           else "the model's own") + ')')
     parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
     parser.add_argument('--mlp-hidden', action='store_true', help="also capture each block's MLP hidden activation")
     parser.add_argument('--dead-atol', type=float, default=Thresholds.dead_atol)
     parser.add_argument('--flat-atol', type=float, default=Thresholds.flat_atol)
     parser.add_argument('--massive-factor', type=float, default=Thresholds.massive_factor)
+    parser.add_argument('--high-norm-factor', type=float, default=Thresholds.high_norm_factor,
+                        help='a token is high-norm over this many times the median token norm of its layer')
+
+
+def _add_procedure_option(parser: argparse.ArgumentParser, both: bool) -> None:
+    choices = PROCEDURES + (('both',) if both else ())
+    parser.add_argument('--procedure', default=REAL_FORWARD, choices=choices,
+                        help=f"{REAL_FORWARD}: the model's forward pass; {PAPER_NOTEBOOK}: as the paper's notebooks "
+                             'computed their figures (our analogue for T2T-ViT)' + ('; both: one row each' if both else ''))
+
+
+def _add_picture_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--cmap', default='viridis', choices=('viridis', 'gray'))
+    parser.add_argument('--display-side', type=int, default=DISPLAY_SIDE * 2,
+                        help='maps larger than this are average-pooled for the picture (statistics use full maps)')
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='python -m t2t_viz', description=__doc__)
+    parser = argparse.ArgumentParser(prog='t2t-viz', description=__doc__)
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
     parser.add_argument('-v', '--verbose', action='store_true', help='log progress and loading details')
     commands = parser.add_subparsers(dest='command', required=True)
 
-    zoo = commands.add_parser('zoo', help='T2T-ViT variants: measured params and MACs next to the paper')
-    zoo.add_argument('--img-size', type=int, default=224)
-    zoo.set_defaults(run=_cmd_zoo)
+    zoo_parser = commands.add_parser('zoo', help='T2T-ViT variants: measured params and MACs next to the paper')
+    zoo_parser.add_argument('--img-size', type=int, default=224)
+    zoo_parser.set_defaults(run=_cmd_zoo)
 
-    stats = commands.add_parser('stats', help='dead/flat/massive channel statistics of images as CSV')
+    stats = commands.add_parser('stats', help='dead/flat/massive channel and token-norm statistics as CSV')
     stats.add_argument('paths', nargs='+', help='image files or folders (searched recursively)')
     _add_model_options(stats, many=True)
-    stats.add_argument('--batch-size', type=int, default=8)
+    _add_procedure_option(stats, both=True)
+    stats.add_argument('--batch-size', type=int, default=8, help='images per forward pass (shrunk to fit memory)')
     stats.add_argument('-o', '--output', required=True, help='CSV file, one row per image x model x layer')
     stats.add_argument('--per-channel', metavar='CSV', help='also write, per model x layer x channel, the '
                        'fraction of images in which the channel is dead')
@@ -207,19 +364,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(stages, many=False)
     stages.set_defaults(run=_cmd_stages)
 
-    render = commands.add_parser('render', help="one layer's channel grid as a PNG, flagged channels outlined")
+    render = commands.add_parser('render', help="one layer as a PNG: channel grid, PCA colour map or token norms")
     render.add_argument('image')
     render.add_argument('--model', required=True)
     render.add_argument('--layer', required=True, help='module path, label (conv25, "block 12") or depth')
+    render.add_argument('--mode', default='grid', choices=('grid', 'pca', 'norm'))
     render.add_argument('--channels', type=int, help='show at most this many channels')
     render.add_argument('--sort', default='index', choices=('index', 'max', 'mean'))
     render.add_argument('--flagged-only', action='store_true')
     render.add_argument('-o', '--output', required=True)
     _add_model_options(render, many=False)
+    _add_procedure_option(render, both=False)
+    _add_picture_options(render)
     render.set_defaults(run=_cmd_render)
 
-    weights = commands.add_parser('weights', help='where each default model\'s weights come from now')
-    weights.add_argument('--model', action='append')
+    figure2 = commands.add_parser('figure2', help="the paper's Figure 2 layout on an image, as one PNG")
+    figure2.add_argument('image')
+    figure2.add_argument('-o', '--output', required=True)
+    figure2.add_argument('--mode', default='grid', choices=('grid', 'pca'))
+    figure2.add_argument('--channels', type=int, default=DEFAULT_CHANNELS, help='channels per panel')
+    _add_model_options(figure2, many=True, default_size=DEFAULT_SIZE)
+    _add_procedure_option(figure2, both=False)
+    _add_picture_options(figure2)
+    figure2.set_defaults(run=_cmd_figure2, cmap='gray')
+
+    weights = commands.add_parser('weights', help="where each model's weights come from now")
+    weights.add_argument('--model', action='append', help='default: the models of every preset')
     weights.add_argument('--download', action='store_true', help='fetch missing weights (needs the network)')
     weights.set_defaults(run=_cmd_weights)
     return parser

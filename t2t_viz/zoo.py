@@ -1,44 +1,74 @@
 """Models and where their weights come from.
 
 Resolution order for every model, reported as a :class:`WeightsInfo`:
-    1. an explicit checkpoint, or a file in ``checkpoints/`` with a documented name;
-    2. timm's download cache (Hugging Face hub or release URL), or, when online, timm's download itself;
+    1. an explicit checkpoint, or a file in the checkpoint folder with a documented name;
+    2. timm's download cache (Hugging Face hub or release URL), or, when online and allowed, a download
+       into the checkpoint folder (:mod:`t2t_viz.downloads`, with progress);
     3. random initialisation, marked ``random`` wherever it shows. Never presented as trained.
+
+A model whose weights come from a file is built on the meta device and the file's tensors are assigned
+to it, so no time goes into a random initialisation that the weights would overwrite. Before anything is
+built, the model's size is counted on the meta device and a model that would not fit is refused.
 """
 from __future__ import annotations
 
 import logging
 import os
-import socket
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 import timm
 import torch
+import torch.nn as nn
 from timm.data import resolve_data_config
 
-from .images import check_input_size
-from .models import CheckpointError
+from . import downloads, memory
+from .images import ImageError
+from .models import CheckpointError, read_checkpoint
 
 __all__ = [
-    'DEFAULT_MODELS', 'PRETRAINED_TAGS', 'CHECKPOINT_DIR', 'WeightsInfo', 'LoadedModel', 'WeightsError',
-    'load', 'resolve_device', 'weights_status', 'checkpoint_candidates',
+    'DEFAULT_MODELS', 'PRESETS', 'DEFAULT_PRESET', 'PRETRAINED_TAGS', 'WeightsInfo', 'LoadedModel',
+    'WeightsError', 'load', 'resolve_device', 'weights_status', 'checkpoint_candidates', 'checkpoint_folder',
+    'download', 'remote_weights', 'weights_bytes', 'build_on_meta', 'check_input_size', 'split_name',
 ]
 
 _logger = logging.getLogger(__name__)
 
-DEFAULT_MODELS = ('resnet50', 'vit_large_patch16_224', 't2t_vit_24')
-# Which trained weights each default model means.
+# The trio of the paper's Figure 2, with the weights the paper used (see t2t_viz.models.paper_weights),
+# and the same trio with today's timm default weights.
+PRESETS: Dict[str, Tuple[str, ...]] = {
+    'paper': ('resnet50.tv_in1k', 'vit_large_patch16_384.orig_in21k_ft_in1k', 't2t_vit_24.in1k'),
+    'timm': ('resnet50.tv_in1k', 'vit_large_patch16_224.augreg_in21k_ft_in1k', 't2t_vit_24.in1k'),
+}
+DEFAULT_PRESET = 'paper'
+DEFAULT_MODELS = PRESETS[DEFAULT_PRESET]
+# Which trained weights a bare architecture name means.
 PRETRAINED_TAGS = {
     'resnet50': 'tv_in1k',  # the classic torchvision ImageNet weights
     'vit_large_patch16_224': 'augreg_in21k_ft_in1k',
+    'vit_large_patch16_384': 'orig_in21k_ft_in1k',  # the paper's
     't2t_vit_24': 'in1k',  # official 82.3% release
 }
-CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / 'checkpoints'
 CHECKPOINT_EXTENSIONS = ('.safetensors', '.pth', '.pth.tar', '.bin', '.npz')
-ONLINE_PROBE_TIMEOUT_S = 3.0
+_SOURCE_CHECKPOINTS = Path(__file__).resolve().parent.parent / 'checkpoints'
+
+
+def checkpoint_folder() -> Path:
+    """Where weight files are looked for and downloaded to.
+
+    ``T2T_VIZ_CHECKPOINTS`` if set; else the repository's ``checkpoints/`` when running from a source
+    checkout; else ``~/.cache/t2t_viz/checkpoints`` (an installed package).
+    """
+    configured = os.environ.get('T2T_VIZ_CHECKPOINTS')
+    if configured:
+        return Path(configured).expanduser()
+    if (_SOURCE_CHECKPOINTS / 'README.md').is_file():
+        return _SOURCE_CHECKPOINTS
+    return Path.home() / '.cache' / 't2t_viz' / 'checkpoints'
 
 
 class WeightsError(RuntimeError):
@@ -71,6 +101,10 @@ class LoadedModel:
     data_config: Dict = field(default_factory=dict)  # mean/std/interpolation/crop/input_size for preprocessing
     device: torch.device = torch.device('cpu')
     img_size: int = 224
+    request: str = ''  # the name as asked for, pretrained tag included when one was given
+
+    def __post_init__(self) -> None:
+        self.request = self.request or self.name
 
 
 def resolve_device(device: str = 'auto') -> torch.device:
@@ -83,34 +117,45 @@ def resolve_device(device: str = 'auto') -> torch.device:
     return torch.device(device)
 
 
-def _split_name(name: str) -> Tuple[str, str]:
+def split_name(name: str) -> Tuple[str, str]:
+    """('arch', 'tag') of a timm name; a bare architecture gets the tag of the weights we mean by it."""
     arch, _, tag = name.partition('.')
     return arch, tag or PRETRAINED_TAGS.get(arch, '')
 
 
-def checkpoint_candidates(name: str, directory: Path = CHECKPOINT_DIR) -> list:
-    """File names looked for in ``checkpoints/`` for a model, in order."""
-    arch, tag = _split_name(name)
-    names = [f'{arch}{ext}' for ext in CHECKPOINT_EXTENSIONS]
-    if tag:
-        names = [f'{arch}.{tag}{ext}' for ext in CHECKPOINT_EXTENSIONS] + names
-    cfg = _pretrained_cfg(name)
-    for remote in (cfg.url if cfg else None, cfg.hf_hub_filename if cfg else None):
-        if remote:
-            names.append(os.path.basename(urlparse(remote).path))  # e.g. 82.3_T2T_ViT_24.pth.tar
-    return [directory / n for n in dict.fromkeys(names)]
-
-
 def _pretrained_cfg(name: str):
-    arch, tag = _split_name(name)
+    arch, tag = split_name(name)
     try:
         return timm.models.get_pretrained_cfg(f'{arch}.{tag}' if tag else arch)
     except (RuntimeError, KeyError):
         return None
 
 
+def remote_weights(name: str) -> Optional[downloads.RemoteFile]:
+    """The file that holds the trained weights of ``name`` online, or None."""
+    cfg = _pretrained_cfg(name)
+    arch, tag = split_name(name)
+    return downloads.remote_file(cfg, f'{arch}.{tag}' if tag else arch) if cfg else None
+
+
+def checkpoint_candidates(name: str, directory: Optional[Path] = None) -> list:
+    """File names looked for in the checkpoint folder for a model, in order."""
+    directory = checkpoint_folder() if directory is None else directory
+    arch, tag = split_name(name)
+    names = [f'{arch}{ext}' for ext in CHECKPOINT_EXTENSIONS]
+    if tag:
+        names = [f'{arch}.{tag}{ext}' for ext in CHECKPOINT_EXTENSIONS] + names
+    remote = remote_weights(name)
+    if remote:
+        names.append(remote.filename)  # e.g. 82.3_T2T_ViT_24.pth.tar, jx_vit_large_p16_384-b3be5167.pth
+    cfg = _pretrained_cfg(name)
+    if cfg and cfg.url:
+        names.append(os.path.basename(urlparse(cfg.url).path))
+    return [directory / n for n in dict.fromkeys(names)]
+
+
 def _cached_file(cfg) -> Optional[str]:
-    """A previously downloaded copy of the pretrained weights, found without touching the network."""
+    """A copy of the pretrained weights that timm itself downloaded earlier, found without the network."""
     if cfg is None:
         return None
     if cfg.hf_hub_id:
@@ -128,37 +173,84 @@ def _cached_file(cfg) -> Optional[str]:
     return None
 
 
-def _is_online(cfg) -> bool:
-    """Quick TCP probe of the weights' host, so an offline machine falls through in seconds."""
-    if os.environ.get('HF_HUB_OFFLINE') == '1' or os.environ.get('T2T_VIZ_OFFLINE') == '1' or cfg is None:
-        return False
-    host = 'huggingface.co' if cfg.hf_hub_id else urlparse(cfg.url or '').hostname
-    if not host:
-        return False
-    try:
-        with socket.create_connection((host, 443), timeout=ONLINE_PROBE_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
-
-
-def _file_overlay(arch: str, path: str) -> dict:
-    overlay = dict(file=path)
-    if arch.startswith('vit_') and path.endswith('.npz'):
-        overlay['custom_load'] = True  # original big_vision / jax .npz: timm's own reader
-    return overlay
-
-
-def _create(arch: str, tag: str, pretrained: bool, img_size: Optional[int], **kwargs) -> torch.nn.Module:
+def _create(arch: str, tag: str, pretrained: bool, img_size: Optional[int], **kwargs) -> nn.Module:
     if img_size is not None:
         kwargs['img_size'] = img_size
     return timm.create_model(f'{arch}.{tag}' if tag else arch, pretrained=pretrained, **kwargs)
 
 
-def _create_from_file(arch: str, tag: str, img_size: Optional[int], path: str) -> torch.nn.Module:
-    """Build with the weights of a local file (checkpoints/, --checkpoint or timm's cache); errors name it."""
+def _supports_img_size(arch: str) -> bool:
+    return arch.startswith(('vit_', 't2t_vit', 'deit', 'eva', 'beit'))
+
+
+_build_lock = threading.Lock()  # timm's registry and layer config are process-wide while a model is built
+
+
+def build_on_meta(name: str, img_size: Optional[int] = None) -> nn.Module:
+    """The model's modules with shapes but no data (no memory, no initialisation), in eval mode."""
+    arch, tag = split_name(name)
+    size = img_size if img_size and _supports_img_size(arch) else None
+    with _build_lock, torch.device('meta'):
+        return _create(arch, tag, False, size).eval()
+
+
+def weights_bytes(name: str) -> int:
+    """Bytes of the parameters and buffers of ``name``, counted without allocating them."""
+    return memory.module_bytes(build_on_meta(name))
+
+
+def _module_filter(model: nn.Module) -> Optional[Callable]:
+    """The checkpoint filter of the model's timm module (timm's convention: ``checkpoint_filter_fn``)."""
+    return getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
+
+
+def _plain_state_dict(checkpoint: dict) -> dict:
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    return {k[len('module.'):] if k.startswith('module.') else k: v
+            for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+
+
+def _assign_file(model: nn.Module, path: str) -> nn.Module:
+    """Load ``path`` into a meta-device ``model`` by assignment; refuses a file that leaves anything unset."""
+    checkpoint = read_checkpoint(path)
+    filter_fn = _module_filter(model)
+    state_dict = filter_fn(checkpoint, model) if filter_fn else _plain_state_dict(checkpoint)
+    expected = model.state_dict()
+    state_dict = {k: v.to(expected[k].dtype) if k in expected and v.is_floating_point() else v
+                  for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    unset = [n for n, t in _named_tensors(model) if t.is_meta]
+    if unset:
+        raise _NotAssignable(f'{len(unset)} tensors are not in the file, e.g. {unset[0]}')
+    return model
+
+
+def _named_tensors(model: nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
+    yield from model.named_parameters()
+    yield from model.named_buffers()
+
+
+class _NotAssignable(Exception):
+    """The meta-device load cannot give this model all its tensors; it is built the ordinary way."""
+
+
+def _create_from_file(arch: str, tag: str, img_size: Optional[int], path: str) -> nn.Module:
+    """Build with the weights of a local file (checkpoint folder, --checkpoint or timm's cache); errors name it."""
     try:
-        return _create(arch, tag, True, img_size, pretrained_cfg_overlay=_file_overlay(arch, path))
+        if not path.endswith('.npz'):
+            try:
+                with _build_lock, torch.device('meta'):
+                    meta_model = _create(arch, tag, False, img_size)
+                return _assign_file(meta_model, path)
+            except _NotAssignable as e:
+                _logger.info('%s: building %s the ordinary way (%s)', path, arch, e)
+        overlay = dict(file=path)
+        if path.endswith('.npz') and arch.startswith('vit_'):
+            overlay['custom_load'] = True  # original big_vision / jax .npz: timm's own reader
+        return _create(arch, tag, True, img_size, pretrained_cfg_overlay=overlay)
     except CheckpointError as e:
         raise WeightsError(str(e)) from e
     except Exception as e:  # noqa: BLE001 - torch, timm and safetensors raise many kinds for a bad file
@@ -166,8 +258,10 @@ def _create_from_file(arch: str, tag: str, img_size: Optional[int], path: str) -
         raise WeightsError(f'{path}: not usable weights for {arch} ({first_line})') from e
 
 
-def _supports_img_size(arch: str) -> bool:
-    return arch.startswith(('vit_', 't2t_vit', 'deit', 'eva', 'beit'))
+def check_input_size(img_size: int) -> None:
+    """Refuse an input size that is not a multiple of 16 (at least 32)."""
+    if img_size < 32 or img_size % 16:
+        raise ImageError(f'input size {img_size} must be a multiple of 16 (at least 32)')
 
 
 def load(
@@ -176,21 +270,29 @@ def load(
         img_size: Optional[int] = None,
         device: str = 'auto',
         allow_download: bool = True,
-        checkpoint_dir: Path = CHECKPOINT_DIR,
+        checkpoint_dir: Optional[Path] = None,
+        progress: Optional[Callable[[int, Optional[int]], None]] = None,
+        max_weight_bytes: Optional[int] = None,
 ) -> LoadedModel:
     """Build ``name`` in eval mode on ``device`` with the best weights available (see module doc).
 
-    Raises WeightsError for unusable weights and ImageError for an input size that is not a multiple of 16
-    or would not fit in memory.
+    Raises WeightsError for unusable weights, ImageError for an input size that is not a multiple of 16,
+    and InsufficientMemory for a model whose weights would not fit in the available memory (or in
+    ``max_weight_bytes``), before anything is built.
     """
-    arch, tag = _split_name(name)
+    arch, tag = split_name(name)
     if not timm.is_model(arch):
         raise WeightsError(f'unknown model {name!r} (not in timm and not a T2T-ViT variant)')
     if img_size:
-        check_input_size(img_size, arch)
+        check_input_size(img_size)
     torch_device = resolve_device(device)
     size = img_size if img_size and _supports_img_size(arch) else None
-    cfg = _pretrained_cfg(name)
+    needed = weights_bytes(name)
+    if max_weight_bytes is not None and needed > max_weight_bytes:
+        raise memory.InsufficientMemory(
+            f'{name}: its weights take {memory.format_bytes(needed)}, over the {memory.format_bytes(max_weight_bytes)} '
+            'this server allows for one model')
+    memory.check_fits(needed, f'{name} (weights)')
 
     if checkpoint:
         if not Path(checkpoint).is_file():
@@ -198,53 +300,60 @@ def load(
         weights = WeightsInfo('file', True, checkpoint)
     else:
         weights = weights_status(name, checkpoint_dir)
+    remote = remote_weights(name)
+    if not weights.trained and allow_download and remote and not downloads.offline_reason(remote.url):
+        directory = checkpoint_folder() if checkpoint_dir is None else checkpoint_dir
+        try:
+            path = downloads.download(remote, directory, progress)
+        except downloads.DownloadError as e:
+            raise WeightsError(f'{name}: {e}') from e
+        weights = WeightsInfo('download', True, str(path))
     if weights.trained:
         model = _create_from_file(arch, tag, size, weights.location)
-    elif allow_download and _is_online(cfg):
-        timm.models.set_pretrained_download_progress(True)
-        model = _create(arch, tag, True, size)
-        weights = WeightsInfo('download', True, cfg.hf_hub_id or cfg.url)
     else:
-        model = _create(arch, tag, False, size)
-        reason = 'no checkpoint file, no cached download, and the machine is offline' if cfg else \
-            'no pretrained weights are known for this model'
-        weights = WeightsInfo('random', False, note=(
-            f'{reason}; put the file in checkpoints/ (see checkpoints/README.md) or run '
-            '`python -m t2t_viz weights --download`'))
+        with _build_lock:
+            model = _create(arch, tag, False, size)
         _logger.info('%s: %s', name, weights.describe())
     model = model.eval().to(torch_device)
     data_config = resolve_data_config(model=model)
     if img_size:
         data_config['input_size'] = (3, img_size, img_size)
-    return LoadedModel(arch, model, weights, data_config, torch_device, img_size or data_config['input_size'][-1])
+    return LoadedModel(arch, model, weights, data_config, torch_device, img_size or data_config['input_size'][-1],
+                       request=name)
 
 
-def weights_status(name: str, checkpoint_dir: Path = CHECKPOINT_DIR) -> WeightsInfo:
-    """Where the weights of ``name`` would come from now, without building the model."""
-    found = [p for p in checkpoint_candidates(name, checkpoint_dir) if p.is_file()]
+def weights_status(name: str, directory: Optional[Path] = None) -> WeightsInfo:
+    """Where the weights of ``name`` would come from now, without building the model or using the network."""
+    found = [p for p in checkpoint_candidates(name, directory) if p.is_file()]
     if found:
         return WeightsInfo('file', True, str(found[0]))
     cfg = _pretrained_cfg(name)
     cached = _cached_file(cfg)
     if cached:
         return WeightsInfo('cache', True, cached)
-    if cfg is None:
+    remote = remote_weights(name)
+    if remote is None:
         return WeightsInfo('random', False, note='no pretrained weights are known for this model')
-    remote = cfg.hf_hub_id or cfg.url
-    return WeightsInfo('random', False, remote, note=f'not downloaded yet ({remote})')
+    folder = checkpoint_folder() if directory is None else directory
+    return WeightsInfo('random', False, remote.url, note=(
+        f'not downloaded yet: put {remote.filename} in {folder} (see checkpoints/README.md) or run '
+        f'`t2t-viz weights --download --model {name}` ({remote.url})'))
 
 
-def download(name: str) -> WeightsInfo:
-    """Fetch the pretrained weights of ``name`` into timm's caches (needs the network)."""
-    cfg = _pretrained_cfg(name)
-    if cfg is None:
+def download(name: str, progress: Optional[Callable[[int, Optional[int]], None]] = None,
+             directory: Optional[Path] = None) -> WeightsInfo:
+    """Fetch the pretrained weights of ``name`` into the checkpoint folder (needs the network)."""
+    remote = remote_weights(name)
+    if remote is None:
         raise WeightsError(f'{name}: no pretrained weights are known for this model')
-    if not _is_online(cfg):
-        raise WeightsError(f'{name}: cannot reach {cfg.hf_hub_id or cfg.url}: the machine is offline')
-    arch, tag = _split_name(name)
-    timm.models.set_pretrained_download_progress(True)
-    _create(arch, tag, True, None)
-    return weights_status(name)
+    reason = downloads.offline_reason(remote.url)
+    if reason:
+        raise WeightsError(f'{name}: cannot download {remote.url}: {reason}')
+    try:
+        downloads.download(remote, checkpoint_folder() if directory is None else directory, progress)
+    except downloads.DownloadError as e:
+        raise WeightsError(f'{name}: {e}') from e
+    return weights_status(name, directory)
 
 
 def load_many(names: Sequence[str], checkpoints: Optional[Dict[str, str]] = None, **kwargs) -> Dict[str, LoadedModel]:

@@ -1,5 +1,6 @@
 """Model families of t2t-viz, registered into timm's registry on import."""
 from .checkpoint_io import CheckpointError, read_checkpoint
+from .paper_weights import PAPER_VIT_TAG
 from .t2t_vit import T2TStage, T2TViT, TokensToToken, checkpoint_filter_fn, sinusoid_position_table
 
 T2T_VIT_VARIANTS = (
