@@ -20,7 +20,8 @@ from .models import T2TViT
 from .pipeline import DISPLAY_SIDE, ModelResult, inspect_images, layer_labels, memory_estimate
 from .procedures import PAPER_NOTEBOOK, PROCEDURES
 from .render import channel_grid, norm_image, order_channels, pca_image, save_png, upscale
-from .stats import PER_CHANNEL_COLUMNS, DeadChannelCounter, Thresholds, write_csv
+from .dataset import Failure, NamedImage, StatsRun
+from .stats import Thresholds
 from .zoo import LoadedModel
 
 __all__ = ['main', 'build_parser']
@@ -78,9 +79,11 @@ def _byte_progress(label: str, enabled: bool) -> Iterator[Callable[[int, Optiona
         bar.close()
 
 
-@contextmanager
-def _layer_progress(label: str, enabled: bool) -> Iterator[Callable[[int, int], None]]:
-    """A tqdm bar of layers recorded during one long forward pass."""
+def _layer_bar(label: str, enabled: bool) -> Callable[[int, int], None]:
+    """A tqdm bar of the layers recorded during one forward pass, as a (done, total) callback.
+
+    The bar closes itself when the last layer is recorded.
+    """
     from tqdm import tqdm
 
     bar = tqdm(desc=label, unit='layer', disable=not enabled, leave=False)
@@ -88,11 +91,10 @@ def _layer_progress(label: str, enabled: bool) -> Iterator[Callable[[int, int], 
     def update(done: int, total: int) -> None:
         bar.total = total
         bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
 
-    try:
-        yield update
-    finally:
-        bar.close()
+    return update
 
 
 def _model_names(args: argparse.Namespace) -> List[str]:
@@ -148,8 +150,6 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
     if not paths:
         raise UserError('no image files found in ' + ', '.join(args.paths))
     loaded = _load_models(args, _model_names(args))
-    counter = DeadChannelCounter() if args.per_channel else None
-    thresholds = _thresholds(args)
     batches = {}
     for name, model in loaded.items():
         for procedure in _procedures(args):
@@ -158,39 +158,26 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
                 sys.stderr.write(f'{name} at {model.img_size}x{model.img_size}: batch {args.batch_size} would not '
                                  f'fit in memory; using batches of {batch}\n')
             batches[name, procedure] = batch
-    failed = 0
     show = _show_progress(args)
+
     with open(args.output, 'w', newline='') as csv_file, tqdm(total=len(paths), desc='images', unit='image',
                                                              disable=not show) as image_bar:
-        write_csv([], csv_file)
+        run = StatsRun(loaded, csv_file, _thresholds(args), _procedures(args), args.mlp_hidden)
         for start in range(0, len(paths), args.batch_size):
-            batch_paths, images = [], []
+            images = []
             for path in paths[start:start + args.batch_size]:
                 try:
-                    images.append(load_image(path))
-                    batch_paths.append(str(path))
+                    images.append(NamedImage(str(path), load_image(path)))
                 except ImageError as e:
-                    failed += 1
+                    run.failures.append(Failure(str(path), str(e)))
                     sys.stderr.write(f'skipped: {e}\n')
-            for name, model in loaded.items():
-                for procedure in _procedures(args):
-                    step = batches[name, procedure]
-                    for first in range(0, len(images), step):
-                        with _layer_progress(f'{name} {procedure}', show) as progress:
-                            results = inspect_images(model, images[first:first + step], thresholds,
-                                                     mlp_hidden=args.mlp_hidden, keep_maps=False,
-                                                     procedure=procedure, progress=progress)
-                        for path, result in zip(batch_paths[first:first + step], results):
-                            write_csv(result.rows(path), csv_file, header=False)
-                            if counter:
-                                for summary in result.summaries:
-                                    counter.add(name, result.weights.label, summary)
+            run.add_batch(images, batches, progress=lambda name, procedure: _layer_bar(f'{name} {procedure}', show))
             image_bar.update(len(paths[start:start + args.batch_size]))
-    if counter:
+    if args.per_channel:
         with open(args.per_channel, 'w', newline='') as f:
-            write_csv(counter.rows(), f, PER_CHANNEL_COLUMNS)
-    done = len(paths) - failed
-    sys.stderr.write(f'{done} image(s) x {len(loaded)} model(s) -> {args.output}'
+            f.write(run.per_channel_csv())
+    failed = len(run.failures)
+    sys.stderr.write(f'{run.images_done} image(s) x {len(loaded)} model(s) -> {args.output}'
                      + (f'; {failed} skipped' if failed else '') + '\n')
     return 1 if failed else 0
 
@@ -232,9 +219,9 @@ def _single_result(args: argparse.Namespace, loaded: LoadedModel, image: Image.I
     options = dict(dtype=torch.float16, max_side=args.display_side, layers=tuple(layers) if layers else None)
     try:
         _check_run_fits(loaded, args.procedure, stop_early=bool(layers), **options)
-        with _layer_progress(f'{loaded.request} {args.procedure}', _show_progress(args)) as progress:
-            return inspect_images(loaded, [image], _thresholds(args), procedure=args.procedure, progress=progress,
-                                  stop_early=bool(layers), **options)[0]
+        progress = _layer_bar(f'{loaded.request} {args.procedure}', _show_progress(args))
+        return inspect_images(loaded, [image], _thresholds(args), procedure=args.procedure, progress=progress,
+                              stop_early=bool(layers), **options)[0]
     except ValueError as e:
         raise UserError(f'{loaded.request}: {e}') from e
 

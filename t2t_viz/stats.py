@@ -25,14 +25,14 @@ import csv
 import io
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, TextIO, Tuple
+from typing import Dict, Iterable, List, Sequence, TextIO, Tuple
 
 import torch
 
 from .capture import REAL_FORWARD, Layer
 
 __all__ = ['Thresholds', 'ChannelStats', 'LayerStats', 'LayerSummary', 'TopActivation', 'channel_stats',
-           'layer_stats', 'summarize', 'CSV_COLUMNS', 'write_csv', 'csv_text', 'DeadChannelCounter',
+           'layer_stats', 'summarize', 'CSV_COLUMNS', 'write_csv', 'csv_text', 'DeadChannelCounter', 'ChannelCounts',
            'PER_CHANNEL_COLUMNS', 'TOP_K', 'SUN_MIN_MAGNITUDE', 'SUN_MEDIAN_FACTOR']
 
 CSV_COLUMNS = ('image', 'model', 'weights', 'layer', 'kind', 'depth', 'height', 'width', 'tokens', 'channels',
@@ -42,7 +42,7 @@ CSV_COLUMNS = ('image', 'model', 'weights', 'layer', 'kind', 'depth', 'height', 
                'max_abs_ratio', 'sun_massive', 'median_token_norm', 'max_token_norm', 'high_norm_tokens',
                'high_norm_fraction')
 PER_CHANNEL_COLUMNS = ('model', 'weights', 'layer', 'kind', 'depth', 'channel', 'images', 'dead_images',
-                       'dead_fraction')
+                       'dead_fraction', 'procedure')
 
 TOP_K = 5  # top activations kept per layer and image
 MEDIAN_SAMPLE = 65_536  # median |x| is exact up to this many values, else taken over an even-stride sample
@@ -249,27 +249,46 @@ def csv_text(rows: Iterable[Dict[str, object]], columns: Sequence[str] = CSV_COL
     return buffer.getvalue()
 
 
+@dataclass
+class ChannelCounts:
+    """In how many of ``images`` each channel of one model x procedure x layer was dead."""
+    label: str
+    kind: str
+    depth: int
+    dead_images: torch.Tensor  # (C,) int64
+    images: int = 0
+
+    @property
+    def frequency(self) -> torch.Tensor:
+        """(C,) fraction of images in which each channel was dead."""
+        return self.dead_images.double() / max(1, self.images)
+
+
 class DeadChannelCounter:
-    """Across many images: in how many was each channel of each model x layer dead."""
+    """Across many images: in how many was each channel of each model x procedure x layer dead."""
 
     def __init__(self) -> None:
-        self._counts: Dict[Tuple[str, str, str], Tuple[LayerSummary, torch.Tensor, int]] = {}
+        self._counts: Dict[Tuple[str, str, str, str], ChannelCounts] = {}
 
-    def add(self, model: str, weights: str, summary: LayerSummary) -> None:
-        key = (model, weights, summary.name)
-        dead = torch.zeros(summary.channels, dtype=torch.long)
-        dead[summary.dead_ids] = 1
-        if key in self._counts:
-            first, counts, images = self._counts[key]
-            self._counts[key] = (first, counts + dead, images + 1)
-        else:
-            self._counts[key] = (summary, dead, 1)
+    def add(self, model: str, weights: str, summary: LayerSummary, procedure: str = REAL_FORWARD) -> None:
+        key = (model, weights, procedure, summary.name)
+        counts = self._counts.get(key)
+        if counts is None:
+            counts = self._counts[key] = ChannelCounts(summary.label, summary.kind, summary.depth,
+                                                       torch.zeros(summary.channels, dtype=torch.long))
+        counts.dead_images[summary.dead_ids] += 1
+        counts.images += 1
+
+    def layers(self, model: str, procedure: str = REAL_FORWARD) -> List[Tuple[str, ChannelCounts]]:
+        """(layer name, counts) of one model and procedure, in depth order."""
+        found = [(key[3], counts) for key, counts in self._counts.items() if key[0] == model and key[2] == procedure]
+        return sorted(found, key=lambda item: item[1].depth)
 
     def rows(self) -> Iterable[Dict[str, object]]:
-        for (model, weights, layer), (summary, counts, images) in self._counts.items():
-            for channel, dead_images in enumerate(counts.tolist()):
+        for (model, weights, procedure, layer), counts in self._counts.items():
+            for channel, dead_images in enumerate(counts.dead_images.tolist()):
                 yield {
-                    'model': model, 'weights': weights, 'layer': layer, 'kind': summary.kind,
-                    'depth': summary.depth, 'channel': channel, 'images': images, 'dead_images': dead_images,
-                    'dead_fraction': f'{dead_images / images:.6g}',
+                    'model': model, 'weights': weights, 'layer': layer, 'kind': counts.kind,
+                    'depth': counts.depth, 'channel': channel, 'images': counts.images, 'dead_images': dead_images,
+                    'dead_fraction': f'{dead_images / counts.images:.6g}', 'procedure': procedure,
                 }

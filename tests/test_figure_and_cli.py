@@ -3,7 +3,6 @@ import csv
 
 import numpy as np
 import pytest
-import timm
 import torch
 from PIL import Image
 

@@ -1,0 +1,199 @@
+"""Statistics over many images, reduced as they stream: the CLI's ``stats`` and the app's dataset mode.
+
+Nothing of a capture is kept but its statistics: per-image CSV rows are written out as they come, and
+in memory stay running aggregates per layer and, per model x layer x channel, the number of images in
+which the channel was dead. Both the CLI and the app run :class:`StatsRun` batch by batch, so they write
+byte-for-byte the same CSV for the same images and models.
+"""
+from __future__ import annotations
+
+import io
+import math
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, TextIO, Tuple, Union
+
+import numpy as np
+from PIL import Image
+
+from .capture import REAL_FORWARD
+from .images import IMAGE_EXTENSIONS, ImageError, load_image
+from .pipeline import ModelResult, inspect_images
+from .stats import PER_CHANNEL_COLUMNS, DeadChannelCounter, Thresholds, csv_text, write_csv
+from .zoo import LoadedModel
+
+__all__ = ['NamedImage', 'Failure', 'StatsRun', 'LayerAggregate', 'LayerSeries', 'expand_uploads', 'depth_bands',
+           'AGGREGATED_COLUMNS', 'MAX_ZIP_MEMBERS']
+
+MAX_ZIP_MEMBERS = 10_000  # a .zip with more members is refused as a possible zip bomb
+
+
+@dataclass
+class NamedImage:
+    name: str
+    image: Image.Image
+
+
+@dataclass(frozen=True)
+class Failure:
+    name: str
+    reason: str
+
+
+def expand_uploads(files: Iterable[Tuple[str, bytes]]) -> Iterator[Union[NamedImage, Failure]]:
+    """Decoded images from uploaded (name, bytes): image files as they are, ``.zip`` files member by member.
+
+    A file that cannot be used becomes a :class:`Failure` naming it and the reason; the rest go on.
+    Zip members that are not images by extension (folders, ``__MACOSX`` metadata) are skipped silently.
+    """
+    for name, data in files:
+        if name.lower().endswith('.zip'):
+            yield from _zip_members(name, data)
+        else:
+            yield _decode(name, data)
+
+
+def _decode(name: str, data: bytes) -> Union[NamedImage, Failure]:
+    try:
+        return NamedImage(name, load_image(data, name=name))
+    except ImageError as e:
+        return Failure(name, str(e).removeprefix(f'{name}: '))
+
+
+def _zip_members(name: str, data: bytes) -> Iterator[Union[NamedImage, Failure]]:
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as e:
+        yield Failure(name, f'not a readable zip file ({e})')
+        return
+    with archive:
+        members = [m for m in archive.infolist() if not m.is_dir()]
+        if len(members) > MAX_ZIP_MEMBERS:
+            yield Failure(name, f'{len(members)} files is over the limit of {MAX_ZIP_MEMBERS}')
+            return
+        for member in sorted(members, key=lambda m: m.filename):
+            path = PurePosixPath(member.filename)
+            if '__MACOSX' in path.parts or path.name.startswith('.'):
+                continue
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            label = f'{name}/{member.filename}'
+            try:
+                yield _decode(label, archive.read(member))
+            except (zipfile.BadZipFile, OSError, RuntimeError) as e:  # corrupt member, or encrypted
+                yield Failure(label, f'cannot be read from the zip ({e})')
+
+
+AGGREGATED_COLUMNS = ('dead_fraction', 'flat_fraction', 'massive_fraction', 'max_abs_ratio', 'high_norm_fraction')
+
+
+@dataclass
+class LayerAggregate:
+    """Running mean, min and max over images of one model x procedure x layer's figures."""
+    model: str
+    procedure: str
+    layer: str
+    label: str
+    kind: str
+    depth: int
+    count: int = 0
+    total: Dict[str, float] = field(default_factory=lambda: dict.fromkeys(AGGREGATED_COLUMNS, 0.0))
+    low: Dict[str, float] = field(default_factory=lambda: dict.fromkeys(AGGREGATED_COLUMNS, math.inf))
+    high: Dict[str, float] = field(default_factory=lambda: dict.fromkeys(AGGREGATED_COLUMNS, -math.inf))
+
+    def add(self, row: dict) -> None:
+        self.count += 1
+        for column in AGGREGATED_COLUMNS:
+            value = float(row[column])
+            self.total[column] += value
+            self.low[column] = min(self.low[column], value)
+            self.high[column] = max(self.high[column], value)
+
+    def mean(self, column: str) -> float:
+        return self.total[column] / self.count if self.count else math.nan
+
+
+class StatsRun:
+    """Statistics of many images through several models, added one batch at a time.
+
+    Rows go straight to ``out`` (a CSV file); what stays in memory does not grow with the number of
+    images: per layer, running aggregates, and per channel, the count of images in which it was dead.
+    """
+
+    def __init__(self, models: Dict[str, LoadedModel], out: TextIO, thresholds: Thresholds = Thresholds(),
+                 procedures: Sequence[str] = (REAL_FORWARD,), mlp_hidden: bool = False):
+        self.models, self.out, self.thresholds = models, out, thresholds
+        self.procedures, self.mlp_hidden = tuple(procedures), mlp_hidden
+        self.aggregates: Dict[Tuple[str, str, str], LayerAggregate] = {}
+        self.counter = DeadChannelCounter()
+        self.failures: List[Failure] = []
+        self.images_done = 0
+        write_csv([], out)
+
+    def add_batch(self, images: Sequence[NamedImage], batches: Optional[Dict[Tuple[str, str], int]] = None,
+                  progress: Optional[Callable[[str, str], Callable[[int, int], None]]] = None,
+                  on_result: Optional[Callable[[NamedImage, ModelResult], None]] = None) -> None:
+        """Run every model (and procedure) over ``images`` and write their rows.
+
+        ``batches`` gives, per (model, procedure), how many images go through at once (default: all);
+        ``progress(model, procedure)`` returns a layer-progress callback for each pass.
+        """
+        for name, loaded in self.models.items():
+            for procedure in self.procedures:
+                step = (batches or {}).get((name, procedure), len(images)) or 1
+                for first in range(0, len(images), step):
+                    chunk = images[first:first + step]
+                    results = inspect_images(loaded, [item.image for item in chunk], self.thresholds,
+                                             mlp_hidden=self.mlp_hidden, keep_maps=False, procedure=procedure,
+                                             progress=progress(name, procedure) if progress else None)
+                    for item, result in zip(chunk, results):
+                        self._add(item, result)
+                        if on_result:
+                            on_result(item, result)
+        self.images_done += len(images)
+
+    def _add(self, item: NamedImage, result: ModelResult) -> None:
+        rows = result.rows(item.name)
+        write_csv(rows, self.out, header=False)
+        for row, summary in zip(rows, result.summaries):
+            key = (result.model, result.procedure, summary.name)
+            if key not in self.aggregates:
+                self.aggregates[key] = LayerAggregate(result.model, result.procedure, summary.name, summary.label,
+                                                      summary.kind, summary.depth)
+            self.aggregates[key].add(row)
+            self.counter.add(result.model, result.weights.label, summary, result.procedure)
+
+    def per_channel_csv(self) -> str:
+        return csv_text(self.counter.rows(), PER_CHANNEL_COLUMNS)
+
+
+@dataclass
+class LayerSeries:
+    """One model's figures across images, layer by layer: mean with a min-max band."""
+    model: str
+    procedure: str
+    labels: List[str]
+    relative_depth: np.ndarray  # (L,) in [0, 1]
+    mean: Dict[str, np.ndarray]  # column -> (L,)
+    low: Dict[str, np.ndarray]
+    high: Dict[str, np.ndarray]
+
+
+def depth_bands(aggregates: Iterable[LayerAggregate],
+                kinds: Tuple[str, ...] = ('stem', 'relu', 'conv', 'block')) -> List[LayerSeries]:
+    """Per model and procedure: each aggregated column's mean, min and max against relative depth."""
+    grouped: Dict[Tuple[str, str], List[LayerAggregate]] = {}
+    for aggregate in aggregates:
+        if aggregate.kind in kinds:
+            grouped.setdefault((aggregate.model, aggregate.procedure), []).append(aggregate)
+    series = []
+    for (model, procedure), layers in grouped.items():
+        layers.sort(key=lambda a: a.depth)
+        count = len(layers)
+        series.append(LayerSeries(
+            model, procedure, [a.label for a in layers], np.arange(count) / max(1, count - 1),
+            {c: np.array([a.mean(c) for a in layers]) for c in AGGREGATED_COLUMNS},
+            {c: np.array([a.low[c] for a in layers]) for c in AGGREGATED_COLUMNS},
+            {c: np.array([a.high[c] for a in layers]) for c in AGGREGATED_COLUMNS}))
+    return series

@@ -1,0 +1,100 @@
+"""Statistics over many images: uploads and zips, streaming aggregates, the same CSV as the CLI."""
+import io
+import os
+import tracemalloc
+import zipfile
+
+import pytest
+import timm
+import torch
+from timm.data import resolve_data_config
+
+from t2t_viz import zoo
+from t2t_viz.cli import main
+from t2t_viz.dataset import Failure, NamedImage, StatsRun, depth_bands, expand_uploads
+
+
+def _png(image, size=(96, 80)) -> bytes:
+    buffer = io.BytesIO()
+    image.resize(size).save(buffer, format='PNG')
+    return buffer.getvalue()
+
+
+def _loaded(name):
+    model = timm.create_model(name).eval()
+    return zoo.LoadedModel(name, model, zoo.WeightsInfo('random', False), resolve_data_config(model=model))
+
+
+def test_uploads_zip_members_and_bad_files_are_named(chelsea):
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, 'w') as z:
+        z.writestr('set/a.png', _png(chelsea))
+        z.writestr('set/notes.txt', 'not an image, skipped')
+        z.writestr('__MACOSX/set/._a.png', b'metadata')
+        z.writestr('set/broken.jpg', b'\xff\xd8 broken')
+    items = list(expand_uploads([('one.png', _png(chelsea)), ('photos.zip', archive.getvalue()),
+                                 ('bad.png', b'nope'), ('fake.zip', b'not a zip')]))
+    images = [i.name for i in items if isinstance(i, NamedImage)]
+    failures = {i.name: i.reason for i in items if isinstance(i, Failure)}
+    assert images == ['one.png', 'photos.zip/set/a.png']
+    assert failures['bad.png'] == 'not an image Pillow can read'
+    assert 'corrupt' in failures['photos.zip/set/broken.jpg'] or 'not an image' in failures['photos.zip/set/broken.jpg']
+    assert 'not a readable zip file' in failures['fake.zip']
+
+
+def test_csv_equals_the_cli_byte_for_byte(tmp_path, chelsea, monkeypatch):
+    monkeypatch.setenv('T2T_VIZ_OFFLINE', '1')
+    checkpoints = tmp_path / 'checkpoints'
+    checkpoints.mkdir()
+    monkeypatch.setenv('T2T_VIZ_CHECKPOINTS', str(checkpoints))
+    for name in ('resnet18', 't2t_vit_7'):  # the same weights for the CLI and the app
+        torch.save(timm.create_model(name).state_dict(), checkpoints / f'{name}.pth')
+    names = ['a.png', 'b.png', 'c.png']
+    for i, name in enumerate(names):
+        (tmp_path / name).write_bytes(_png(chelsea.rotate(30 * i)))
+    monkeypatch.chdir(tmp_path)
+    assert main(['stats', *names, '--model', 'resnet18', '--model', 't2t_vit_7', '-o', 'cli.csv',
+                 '--per-channel', 'cli_channels.csv', '--batch-size', '2']) == 0
+    models = {name: zoo.load(name, device='cpu') for name in ('resnet18', 't2t_vit_7')}
+    out = io.StringIO()
+    run = StatsRun(models, out)
+    items = list(expand_uploads((name, (tmp_path / name).read_bytes()) for name in names))
+    for start in range(0, len(items), 2):
+        run.add_batch(items[start:start + 2])
+    assert out.getvalue() == (tmp_path / 'cli.csv').read_text()
+    assert ',trained,' in out.getvalue()
+    assert run.per_channel_csv() == (tmp_path / 'cli_channels.csv').read_text()
+
+
+def test_memory_does_not_grow_with_the_number_of_images(chelsea):
+    models = {'t2t_vit_7': _loaded('t2t_vit_7')}
+    run = StatsRun(models, open(os.devnull, 'w'))
+    batch = [NamedImage(f'{i}.png', chelsea.resize((64, 64))) for i in range(2)]
+    run.add_batch(batch)  # warm up: aggregates and counters for every layer now exist
+    tracemalloc.start()
+    run.add_batch(batch)
+    after_one = tracemalloc.get_traced_memory()[0]
+    for _ in range(6):
+        run.add_batch(batch)
+    growth = tracemalloc.get_traced_memory()[0] - after_one
+    tracemalloc.stop()
+    assert run.images_done == 16
+    assert growth < 64 * 1024, growth  # a few bytes of Python bookkeeping, no maps, no rows
+    bands = depth_bands(run.aggregates.values())
+    assert len(bands) == 1 and len(bands[0].labels) == 7  # the blocks of t2t_vit_7
+    band = bands[0]
+    assert (band.low['dead_fraction'] <= band.mean['dead_fraction']).all()
+    assert (band.mean['dead_fraction'] <= band.high['dead_fraction']).all()
+    layers = run.counter.layers('t2t_vit_7')
+    assert len(layers) == 13 and layers[0][1].images == 16
+
+
+@pytest.mark.parametrize('procedures', [('real_forward', 'paper_notebook')])
+def test_both_procedures_are_counted_apart(chelsea, procedures):
+    out = io.StringIO()
+    run = StatsRun({'resnet18': _loaded('resnet18')}, out, procedures=procedures)
+    run.add_batch([NamedImage('cat.png', chelsea.resize((64, 64)))])
+    channel_rows = run.per_channel_csv().splitlines()
+    assert channel_rows[0].endswith(',procedure')
+    assert {line.rsplit(',', 1)[1] for line in channel_rows[1:]} == set(procedures)
+    assert len(run.counter.layers('resnet18', 'paper_notebook')) == 17
