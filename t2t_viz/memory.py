@@ -21,9 +21,10 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-__all__ = ['MemoryEstimate', 'InsufficientMemory', 'LiveBytes', 'tensor_bytes', 'module_bytes', 'measure_run',
-           'available_bytes', 'check_fits', 'format_bytes', 'INPUT_COPIES']
+__all__ = ['MemoryEstimate', 'InsufficientMemory', 'LiveBytes', 'ReplayedByShape', 'tensor_bytes', 'module_bytes',
+           'measure_run', 'available_bytes', 'check_fits', 'format_bytes', 'INPUT_COPIES']
 
 _logger = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ class InsufficientMemory(ValueError):
 class LiveBytes(TorchDispatchMode):
     """Counts the bytes of tensors created by operations run under it, freeing them as they die.
 
-    Tensors sharing a storage (views, in-place results) count once, while any of them is alive.
+    Tensors sharing a storage (views, in-place results) count once, while any of them is alive; views of
+    memory allocated before (parameters, the caller's input) count nothing.
     """
 
     def __init__(self) -> None:
@@ -55,11 +57,13 @@ class LiveBytes(TorchDispatchMode):
             self.live -= entry[1]
             del self._storages[key]
 
-    def _track(self, tensor: torch.Tensor) -> None:
+    def _track(self, tensor: torch.Tensor, aliases_input: bool) -> None:
         storage = tensor.untyped_storage()
         key = storage._cdata
         entry = self._storages.get(key)
         if entry is None:
+            if aliases_input:
+                return  # a view of, or an in-place write into, memory this tracker did not see allocated
             entry = self._storages[key] = [0, storage.nbytes()]
             self.live += entry[1]
             self.peak = max(self.peak, self.live)
@@ -67,10 +71,12 @@ class LiveBytes(TorchDispatchMode):
         weakref.finalize(tensor, self._release, key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in (out if isinstance(out, (tuple, list)) else (out,)):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
-                self._track(tensor)
+                self._track(tensor, tensor.untyped_storage()._cdata in inputs)
         return out
 
 
@@ -108,6 +114,34 @@ def measure_run(run: Callable[[torch.Tensor], Any], input_shape: Tuple[int, ...]
     del result
     input_bytes = INPUT_COPIES * tensor_bytes(x)
     return tracker.peak + input_bytes, kept
+
+
+class ReplayedByShape:
+    """Wraps a per-map function (e.g. statistics) for shape-only runs: its allocations are measured once
+    per input shape, and replayed as same-sized blocks for every other map of that shape.
+
+    The result of a replayed call is a placeholder; only its bytes matter to an estimate.
+    """
+
+    def __init__(self, function: Callable[[torch.Tensor], Any]):
+        self.function = function
+        self._measured: Dict[tuple, Tuple[int, int]] = {}  # (shape, stride, dtype) -> (peak, kept)
+
+    def __call__(self, fmap: torch.Tensor) -> Any:
+        key = (tuple(fmap.shape), fmap.stride(), fmap.dtype)
+        measured = self._measured.get(key)
+        if measured is None:
+            tracker = LiveBytes()  # nested: the enclosing tracker sees these allocations too
+            with tracker:
+                result = self.function(fmap)
+                kept = tracker.live
+            self._measured[key] = (tracker.peak, kept)
+            return result
+        peak, kept = measured
+        result = torch.empty(kept, dtype=torch.uint8, device=fmap.device)
+        transient = torch.empty(peak - kept, dtype=torch.uint8, device=fmap.device)
+        del transient
+        return result
 
 
 def available_bytes() -> int:

@@ -91,10 +91,11 @@ def memory_estimate(name: str, img_size: int, batch: int = 1, procedure: str = c
     The same capture code runs shape-only on a meta-device copy of the model (see :mod:`t2t_viz.memory`).
     """
     model = zoo.build_on_meta(name, img_size)
+    reduce = memory.ReplayedByShape(layer_stats)  # the statistics of maps of one shape allocate alike
 
     def run(x: torch.Tensor) -> List[capture.Capture]:
         return _capture(model, x, procedure, mlp_hidden=mlp_hidden, dtype=dtype, max_side=max_side,
-                        keep_maps=keep_maps, layers=layers, reduce=layer_stats, stop_early=stop_early)
+                        keep_maps=keep_maps, layers=layers, reduce=reduce, stop_early=stop_early)
 
     peak, kept = memory.measure_run(run, (batch, 3, img_size, img_size))
     return memory.MemoryEstimate(memory.module_bytes(model), peak, kept)
