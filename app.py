@@ -1,4 +1,4 @@
-"""t2t-viz app: ``streamlit run app.py`` (see README for the launch command with sensible settings)."""
-from t2t_viz.ui.page import main
+"""t2t-viz app: ``streamlit run app.py`` (server settings in .streamlit/config.toml)."""
+from t2t_viz.ui.app import main
 
 main()

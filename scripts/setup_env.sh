@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install the given requirements file into it. Idempotent and quiet.
+# Create .venv (if missing) and install the project into it, editable, with the given extras
+# (default: app). Idempotent and quiet: reinstalls only when pyproject.toml or the extras change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-requirements="${1:-requirements.txt}"
+extras="${1:-app}"
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-stamp=".venv/.installed-$(cat requirements.txt "$requirements" | sha1sum | cut -c1-12)"
+stamp=".venv/.installed-$( (cat pyproject.toml; echo "$extras") | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -r "$requirements"
+    .venv/bin/python -m pip install --quiet --quiet -e ".[$extras]"
     touch "$stamp"
 fi

@@ -20,7 +20,7 @@ from .models import T2TViT
 from .pipeline import DISPLAY_SIDE, ModelResult, inspect_images, layer_labels, memory_estimate
 from .procedures import PAPER_NOTEBOOK, PROCEDURES
 from .render import channel_grid, norm_image, order_channels, pca_image, save_png, upscale
-from .dataset import Failure, NamedImage, StatsRun
+from .dataset import Failure, NamedImage, StatsRun, fitting_batch
 from .stats import Thresholds
 from .zoo import LoadedModel
 
@@ -127,22 +127,6 @@ def _procedures(args: argparse.Namespace) -> List[str]:
     return list(PROCEDURES) if args.procedure == 'both' else [args.procedure]
 
 
-def fitting_batch(name: str, img_size: int, wanted: int, procedure: str, mlp_hidden: bool,
-                  available: Optional[int] = None) -> int:
-    """The largest batch, at most ``wanted``, whose statistics-only pass fits in the available memory."""
-    available = available_bytes() if available is None else available
-    batch = wanted
-    while True:
-        estimate = memory_estimate(name, img_size, batch, procedure, mlp_hidden=mlp_hidden, keep_maps=False)
-        if estimate.peak <= available:
-            return batch
-        if batch == 1:
-            raise UserError(f'{name} at {img_size}x{img_size} needs about {format_bytes(estimate.peak)} for one '
-                            f'image, but only {format_bytes(available)} of memory is available; choose a smaller '
-                            '--img-size')
-        batch = max(1, batch // 2)
-
-
 def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
     from tqdm import tqdm
 
@@ -153,7 +137,10 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
     batches = {}
     for name, model in loaded.items():
         for procedure in _procedures(args):
-            batch = fitting_batch(name, model.img_size, args.batch_size, procedure, args.mlp_hidden)
+            try:
+                batch = fitting_batch(name, model.img_size, args.batch_size, procedure, args.mlp_hidden)
+            except InsufficientMemory as e:
+                raise UserError(f'{e}; choose a smaller --img-size') from e
             if batch < args.batch_size:
                 sys.stderr.write(f'{name} at {model.img_size}x{model.img_size}: batch {args.batch_size} would not '
                                  f'fit in memory; using batches of {batch}\n')
@@ -293,6 +280,19 @@ def _cmd_weights(args: argparse.Namespace, out: TextIO) -> int:
     return 1 if failed else 0
 
 
+def _cmd_app(args: argparse.Namespace, out: TextIO) -> int:
+    """Serve the app with streamlit, with the settings of the repository's .streamlit/config.toml."""
+    import subprocess
+    from pathlib import Path
+
+    from .ui.app import SERVER_SETTINGS
+
+    script = Path(__file__).resolve().parent / 'ui' / 'streamlit_app.py'
+    flags = [f'--{key}={str(value).lower() if isinstance(value, bool) else value}'
+             for key, value in SERVER_SETTINGS.items()]
+    return subprocess.call([sys.executable, '-m', 'streamlit', 'run', str(script), *flags, *args.streamlit_args])
+
+
 def _add_model_options(parser: argparse.ArgumentParser, many: bool, default_size: Optional[int] = None) -> None:
     if many:
         parser.add_argument('--model', action='append', help='repeatable; default: the trio of --preset')
@@ -374,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_procedure_option(figure2, both=False)
     _add_picture_options(figure2)
     figure2.set_defaults(run=_cmd_figure2, cmap='gray')
+
+    app = commands.add_parser('app', help='serve the app (streamlit) on http://localhost:8501')
+    app.add_argument('streamlit_args', nargs=argparse.REMAINDER, help='passed to streamlit run, e.g. --server.port 8600')
+    app.set_defaults(run=_cmd_app)
 
     weights = commands.add_parser('weights', help="where each model's weights come from now")
     weights.add_argument('--model', action='append', help='default: the models of every preset')

@@ -19,12 +19,13 @@ from PIL import Image
 
 from .capture import REAL_FORWARD
 from .images import IMAGE_EXTENSIONS, ImageError, load_image
-from .pipeline import ModelResult, inspect_images
+from . import memory
+from .pipeline import ModelResult, inspect_images, memory_estimate
 from .stats import PER_CHANNEL_COLUMNS, DeadChannelCounter, Thresholds, csv_text, write_csv
 from .zoo import LoadedModel
 
-__all__ = ['NamedImage', 'Failure', 'StatsRun', 'LayerAggregate', 'LayerSeries', 'expand_uploads', 'depth_bands',
-           'AGGREGATED_COLUMNS', 'MAX_ZIP_MEMBERS']
+__all__ = ['NamedImage', 'Failure', 'StatsRun', 'LayerAggregate', 'LayerSeries', 'expand_uploads', 'count_inputs',
+           'depth_bands', 'fitting_batch', 'AGGREGATED_COLUMNS', 'MAX_ZIP_MEMBERS']
 
 MAX_ZIP_MEMBERS = 10_000  # a .zip with more members is refused as a possible zip bomb
 
@@ -61,6 +62,18 @@ def _decode(name: str, data: bytes) -> Union[NamedImage, Failure]:
         return Failure(name, str(e).removeprefix(f'{name}: '))
 
 
+def _image_members(archive: zipfile.ZipFile) -> List[zipfile.ZipInfo]:
+    """The members of a zip that are images by extension, without folders and hidden or macOS metadata."""
+    members = []
+    for member in archive.infolist():
+        path = PurePosixPath(member.filename)
+        if member.is_dir() or '__MACOSX' in path.parts or path.name.startswith('.'):
+            continue
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            members.append(member)
+    return sorted(members, key=lambda m: m.filename)
+
+
 def _zip_members(name: str, data: bytes) -> Iterator[Union[NamedImage, Failure]]:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
@@ -68,21 +81,30 @@ def _zip_members(name: str, data: bytes) -> Iterator[Union[NamedImage, Failure]]
         yield Failure(name, f'not a readable zip file ({e})')
         return
     with archive:
-        members = [m for m in archive.infolist() if not m.is_dir()]
-        if len(members) > MAX_ZIP_MEMBERS:
-            yield Failure(name, f'{len(members)} files is over the limit of {MAX_ZIP_MEMBERS}')
+        if len(archive.infolist()) > MAX_ZIP_MEMBERS:
+            yield Failure(name, f'{len(archive.infolist())} files is over the limit of {MAX_ZIP_MEMBERS}')
             return
-        for member in sorted(members, key=lambda m: m.filename):
-            path = PurePosixPath(member.filename)
-            if '__MACOSX' in path.parts or path.name.startswith('.'):
-                continue
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
+        for member in _image_members(archive):
             label = f'{name}/{member.filename}'
             try:
                 yield _decode(label, archive.read(member))
             except (zipfile.BadZipFile, OSError, RuntimeError) as e:  # corrupt member, or encrypted
                 yield Failure(label, f'cannot be read from the zip ({e})')
+
+
+def count_inputs(files: Iterable[Tuple[str, bytes]]) -> int:
+    """How many images (or failures) :func:`expand_uploads` will yield for these files."""
+    total = 0
+    for name, data in files:
+        if not name.lower().endswith('.zip'):
+            total += 1
+            continue
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                total += 1 if len(archive.infolist()) > MAX_ZIP_MEMBERS else len(_image_members(archive))
+        except zipfile.BadZipFile:
+            total += 1
+    return total
 
 
 AGGREGATED_COLUMNS = ('dead_fraction', 'flat_fraction', 'massive_fraction', 'max_abs_ratio', 'high_norm_fraction')
@@ -166,6 +188,25 @@ class StatsRun:
 
     def per_channel_csv(self) -> str:
         return csv_text(self.counter.rows(), PER_CHANNEL_COLUMNS)
+
+
+def fitting_batch(name: str, img_size: int, wanted: int, procedure: str = REAL_FORWARD, mlp_hidden: bool = False,
+                  available: Optional[int] = None) -> int:
+    """The largest batch, at most ``wanted``, whose statistics-only pass fits in the available memory.
+
+    Raises InsufficientMemory when not even one image fits.
+    """
+    available = memory.available_bytes() if available is None else available
+    batch = wanted
+    while True:
+        estimate = memory_estimate(name, img_size, batch, procedure, mlp_hidden=mlp_hidden, keep_maps=False)
+        if estimate.peak <= available:
+            return batch
+        if batch == 1:
+            raise memory.InsufficientMemory(
+                f'{name} at {img_size}x{img_size} needs about {memory.format_bytes(estimate.peak)} for one image, '
+                f'but only {memory.format_bytes(available)} of memory is available')
+        batch = max(1, batch // 2)
 
 
 @dataclass

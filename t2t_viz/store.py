@@ -162,6 +162,14 @@ class ByteBudgetStore:
         with self._lock:
             self._remove(key)
 
+    def discard_where(self, predicate: Callable[[Hashable], bool]) -> int:
+        """Drop every entry whose key matches (e.g. a model's results once its trained weights arrive)."""
+        with self._lock:
+            keys = [key for key in self._entries if predicate(key)]
+            for key in keys:
+                self._remove(key)
+            return len(keys)
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .figure import figure_layers
 from .pipeline import ModelResult
 from .render import DEAD_COLOR, FLAT_COLOR, MASSIVE_COLOR
 
@@ -43,26 +44,28 @@ def t2t_steps(result: ModelResult) -> List[StageStep]:
     return steps
 
 
-def depth_curves(results: Dict[str, ModelResult], kinds: Tuple[str, ...] = ('stem', 'relu', 'block')) -> List[dict]:
-    """Rows (model, layer, relative depth in [0, 1], dead/flat/massive fractions) for line charts."""
+def depth_curves(results: Dict[str, ModelResult],
+                 kinds: Tuple[str, ...] = ('stem', 'relu', 'conv', 'block')) -> List[dict]:
+    """Rows per model and layer for charts against relative depth in [0, 1]: flag fractions, the largest
+    |x| over the median |x|, Sun et al.'s massive count and the high-norm token fraction."""
     rows = []
     for name, result in results.items():
         summaries = [s for s in result.summaries if s.kind in kinds]
         for i, s in enumerate(summaries):
-            rows.append(dict(model=name, layer=s.name, label=s.label,
-                             relative_depth=i / max(1, len(summaries) - 1),
-                             dead_fraction=s.fraction(s.dead), flat_fraction=s.fraction(s.flat),
-                             massive_fraction=s.fraction(s.massive)))
+            top = s.top[0] if s.top else None
+            rows.append(dict(
+                model=name, layer=s.name, label=s.label, relative_depth=i / max(1, len(summaries) - 1),
+                dead_fraction=s.fraction(s.dead), flat_fraction=s.fraction(s.flat),
+                massive_fraction=s.fraction(s.massive), max_abs=abs(top.value) if top else 0.0,
+                max_abs_ratio=s.max_abs_ratio, max_abs_channel=top.channel if top else -1,
+                max_abs_position=f'({top.row}, {top.col})' if top else '', sun_massive=s.sun_massive,
+                high_norm_fraction=s.high_norm_tokens / s.tokens if s.tokens else 0.0))
     return rows
 
 
 def compare_depths(result: ModelResult) -> Tuple[str, str]:
     """The paper's Figure 2 pair of a model: ResNet conv1/conv25, token models block 1/block 12."""
-    labels = [layer.label for layer in result.capture.layers]
-    for pair in (('conv1', 'conv25'), ('block 1', 'block 12')):
-        if all(p in labels for p in pair):
-            return pair
-    return labels[0], labels[min(len(labels) - 1, len(labels) // 2)]
+    return figure_layers([layer.label for layer in result.capture.layers])
 
 
 def denormalize(x: torch.Tensor, mean, std) -> Image.Image:

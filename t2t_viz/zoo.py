@@ -33,7 +33,7 @@ from .models import CheckpointError, read_checkpoint
 __all__ = [
     'DEFAULT_MODELS', 'PRESETS', 'DEFAULT_PRESET', 'PRETRAINED_TAGS', 'WeightsInfo', 'LoadedModel',
     'WeightsError', 'load', 'resolve_device', 'weights_status', 'checkpoint_candidates', 'checkpoint_folder',
-    'download', 'remote_weights', 'weights_bytes', 'build_on_meta', 'check_input_size', 'split_name',
+    'download', 'remote_weights', 'weights_bytes', 'build_on_meta', 'check_input_size', 'check_name', 'split_name',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -186,8 +186,15 @@ def _supports_img_size(arch: str) -> bool:
 _build_lock = threading.Lock()  # timm's registry and layer config are process-wide while a model is built
 
 
+def check_name(name: str) -> None:
+    """Raise WeightsError for a name that is neither a timm model nor a T2T-ViT variant."""
+    if not timm.is_model(split_name(name)[0]):
+        raise WeightsError(f'unknown model {name!r} (not in timm and not a T2T-ViT variant)')
+
+
 def build_on_meta(name: str, img_size: Optional[int] = None) -> nn.Module:
     """The model's modules with shapes but no data (no memory, no initialisation), in eval mode."""
+    check_name(name)
     arch, tag = split_name(name)
     size = img_size if img_size and _supports_img_size(arch) else None
     with _build_lock, torch.device('meta'):
@@ -280,9 +287,8 @@ def load(
     and InsufficientMemory for a model whose weights would not fit in the available memory (or in
     ``max_weight_bytes``), before anything is built.
     """
+    check_name(name)
     arch, tag = split_name(name)
-    if not timm.is_model(arch):
-        raise WeightsError(f'unknown model {name!r} (not in timm and not a T2T-ViT variant)')
     if img_size:
         check_input_size(img_size)
     torch_device = resolve_device(device)

@@ -1,20 +1,39 @@
 """The Streamlit app driven headless through AppTest, with small models."""
+import csv
+import dataclasses
+import functools
+import http.server
 import io
+import threading
+import time
 from pathlib import Path
 
 import pytest
+import timm
+import torch
 from PIL import Image
+from skimage import data
 from streamlit.testing.v1 import AppTest
+from timm.models import _registry
+
+from t2t_viz.ui.explore import TABS
+from t2t_viz.ui.resources import store
 
 SMALL = 'resnet18,vit_tiny_patch16_224,t2t_vit_7'
 APP = str(Path(__file__).resolve().parent.parent / 'app.py')
 
 
-@pytest.fixture
-def app(monkeypatch):
+@pytest.fixture(autouse=True)
+def environment(monkeypatch, tmp_path):
     monkeypatch.setenv('T2T_VIZ_MODELS', SMALL)
     monkeypatch.setenv('T2T_VIZ_OFFLINE', '1')
-    at = AppTest.from_file(APP, default_timeout=240)
+    monkeypatch.setenv('T2T_VIZ_CHECKPOINTS', str(tmp_path / 'checkpoints'))
+    monkeypatch.setenv('T2T_VIZ_CACHE_BYTES', '2G')
+    store.clear()  # a fresh server for every test: nothing kept from an earlier one
+
+
+def _app() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=300)
     at.run()
     assert not at.exception, at.exception
     return at
@@ -25,49 +44,171 @@ def _texts(at):
                     + [str(w.value) for w in at.warning] + [str(e.value) for e in at.error])
 
 
-def test_sample_image_all_tabs(app):
-    at = app
-    assert len(at.tabs) == 5
-    text = _texts(at)
-    assert '56×56 = 3136 → 28×28 = 784 → 14×14 = 196' in text
-    assert 'random weights' in text  # no trained files here: said plainly
-    assert [b.label for b in at.get('download_button')] == ['Download CSV']
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format='PNG')
+    return buffer.getvalue()
+
+
+def test_first_screen_offers_the_uploader_and_a_sample():
+    at = _app()
+    uploaders = at.get('file_uploader')
+    assert [u.proto.label for u in uploaders] == ['Drop an image here']  # no click needed before dropping a file
+    assert at.selectbox(key='sample').value == 'chelsea (cat)'
+    assert len(at.tabs) == len(TABS)
+    assert 'random weights' in _texts(at)  # no trained files here: said plainly
+
+
+def test_every_tab_renders(chelsea):
+    at = _app()
+    for title in TABS:
+        at.session_state['explore_tab'] = title
+        at.run()
+        assert not at.exception, (title, at.exception)
+    at.session_state['explore_tab'] = 'T2T stages'
+    at.run()
+    assert '56×56 = 3136 → 28×28 = 784 → 14×14 = 196' in _texts(at)
+    at.select_slider(key='st_step').set_value('restructurization 2').run()
+    assert any('784 tokens' in str(m.value) for m in at.metric)
+    at.session_state['explore_tab'] = 'Dead channels'
+    at.run()
+    assert 'Download CSV' in [b.label for b in at.get('download_button')]
+
+
+def test_feature_map_views_and_layer_steps():
+    at = _app()
     layer = at.select_slider(key='fm_layer')
     layer.set_value(layer.options[5]).run()
-    assert not at.exception
     at.number_input(key='fm_channel').set_value(3).run()
     at.checkbox(key='fm_overlay').check().run()
+    for view in ('PCA colours', 'token norms', 'channels'):
+        at.radio(key='fm_view').set_value(view).run()
+        assert not at.exception, view
     at.selectbox(key='fm_model').set_value('t2t_vit_7').run()
     assert not at.exception
-    at.select_slider(key='st_step').set_value('restructurization 2').run()
-    assert not at.exception
-    at.slider(key='cmp_count').set_value(9).run()
-    at.selectbox(key='cmp_t2t_vit_7_b').set_value('soft split 1').run()
-    assert not at.exception
-    assert any('784 tokens' in str(m.value) for m in at.metric)
 
 
-def test_upload_png_and_bad_upload_keep_working(app, chelsea):
-    at = app
-    at.sidebar.radio[0].set_value('Upload').run()
-    uploader = at.get('file_uploader')
-    if not uploader:
-        pytest.skip('this Streamlit version has no AppTest file_uploader')
-    buffer = io.BytesIO()
-    chelsea.resize((320, 240)).save(buffer, format='PNG')
-    uploader[0].upload('cat.png', buffer.getvalue(), 'image/png').run()
+def test_upload_png_and_bad_upload_keep_working(chelsea):
+    at = _app()
+    at.get('file_uploader')[0].upload('cat.png', _png(chelsea.resize((320, 240))), 'image/png').run()
     assert not at.exception
     assert at.session_state.image_name == 'cat.png' and at.session_state.image.size == (320, 240)
-    at.get('file_uploader')[0].upload('notes.png', b'not an image', 'image/png').run()
+    at.get('file_uploader')[0].set_value(('notes.png', b'not an image', 'image/png')).run()
     assert any('not an image' in str(e.value) for e in at.error), [e.value for e in at.error]
-    assert len(at.tabs) == 5  # previous image's results still shown
+    assert at.session_state.image_name == 'cat.png' and len(at.tabs) == len(TABS)  # the previous image stays
 
 
 def test_one_bad_model_does_not_stop_the_others(monkeypatch):
     monkeypatch.setenv('T2T_VIZ_MODELS', 'resnet18,no_such_model')
-    monkeypatch.setenv('T2T_VIZ_OFFLINE', '1')
-    at = AppTest.from_file(APP, default_timeout=240)
-    at.run()
-    assert not at.exception
+    at = _app()
     assert any('unknown model' in str(e.value) for e in at.error)
-    assert len(at.tabs) == 5
+    assert len(at.tabs) == len(TABS)
+
+
+def test_procedures_tab_puts_both_procedures_side_by_side():
+    at = _app()
+    at.session_state['explore_tab'] = 'Procedures'
+    at.run()
+    assert "as the paper's notebooks" in _texts(at)
+    at.selectbox(key='pr_model').set_value('resnet18').run()
+    assert at.selectbox(key='pr_layer').value == 'conv9'  # resnet18's middle layer, in both procedures
+    captions = [c.value for c in at.caption if 'channels: dead' in c.value]
+    assert len(captions) == 2
+
+
+def test_figure2_view(chelsea):
+    at = _app()
+    at.switch_page('t2t_viz/ui/pages/figure2.py').run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key='f2_size').value == 1024 and at.slider(key='f2_channels').value == 36
+    at.selectbox(key='f2_size').set_value(384).run()
+    table = at.dataframe[0].value
+    assert list(table.layer) == ['conv1', 'conv9', 'block 1', 'block 12', 'block 1', 'block 4']
+    assert set(table.procedure) == {'real_forward'}
+    assert 'Download Figure 2 (PNG)' in [b.label for b in at.get('download_button')]
+    at.radio(key='f2_procedure').set_value('paper_notebook').run()
+    table = at.dataframe[0].value
+    assert list(table.procedure) == ['paper_notebook'] * 4 + ['notebook_analogue'] * 2
+    assert list(table.module)[:2] == ['conv1', 'layer2.1.conv2']  # the convs themselves, as the notebook did
+    at.radio(key='f2_mode').set_value('pca').run()
+    assert not at.exception
+
+
+def test_dataset_mode_names_bad_files_and_writes_the_clis_csvs(tmp_path, monkeypatch):
+    from t2t_viz.cli import main
+    checkpoints = tmp_path / 'checkpoints'
+    checkpoints.mkdir()
+    for name in SMALL.split(','):  # trained-format files, so the app and the CLI use the same weights
+        torch.save(timm.create_model(name).state_dict(), checkpoints / f'{name}.pth')
+    files = [(f'{i}.png', _png(Image.fromarray(load()).resize((96, 80))), 'image/png')
+             for i, load in enumerate((data.chelsea, data.coffee, data.astronaut))]
+    at = _app()
+    at.switch_page('t2t_viz/ui/pages/dataset.py').run()
+    at.get('file_uploader')[0].set_value(files + [('broken.png', b'garbage', 'image/png')]).run()
+    at.button(key='ds_run').click().run()
+    assert not at.exception, at.exception
+    assert any('`broken.png`: not an image Pillow can read' in m.value for m in at.markdown)
+    assert [s.value for s in at.success] == ['3 images through 3 model(s)']
+    assert {'Download per-image CSV', 'Download per-channel CSV'} <= {b.label for b in at.get('download_button')}
+    assert len(at.get('plotly_chart')) == 6  # five band charts and the heatmap
+    job = at.session_state.dataset_job
+    for name, content, _ in files:
+        (tmp_path / name).write_bytes(content)
+    monkeypatch.chdir(tmp_path)
+    assert main(['stats', '0.png', '1.png', '2.png', *[a for m in SMALL.split(',') for a in ('--model', m)],
+                 '-o', 'cli.csv', '--per-channel', 'cli_channels.csv']) == 0
+    assert job.csv_text() == (tmp_path / 'cli.csv').read_text()
+    assert job.run.per_channel_csv() == (tmp_path / 'cli_channels.csv').read_text()
+    rows = list(csv.DictReader(io.StringIO(job.csv_text())))
+    assert {r['weights'] for r in rows} == {'trained'} and len({r['image'] for r in rows}) == 3
+    at.number_input(key='ds_channel').set_value(2).run()
+    assert not at.exception
+
+
+def test_weights_download_with_progress_from_a_local_server(tmp_path, monkeypatch):
+    served = tmp_path / 'served'
+    served.mkdir()
+    torch.save({'state_dict_ema': timm.create_model('t2t_vit_7').state_dict()}, served / '71.7_T2T_ViT_7.pth.tar')
+
+    class SlowHandler(http.server.SimpleHTTPRequestHandler):
+        def copyfile(self, source, outputfile):  # a slow server, so the progress can be seen
+            while chunk := source.read(256 * 1024):
+                outputfile.write(chunk)
+                time.sleep(0.05)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(SlowHandler, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    local = dataclasses.replace(_registry._model_pretrained_cfgs['t2t_vit_7'],
+                                url=f'http://127.0.0.1:{server.server_address[1]}/71.7_T2T_ViT_7.pth.tar')
+    for key in ('t2t_vit_7', 't2t_vit_7.in1k'):
+        monkeypatch.setitem(_registry._model_pretrained_cfgs, key, local)
+    monkeypatch.setenv('T2T_VIZ_MODELS', 't2t_vit_7')
+    try:
+        at = _app()
+        assert any('71.7_T2T_ViT_7.pth.tar not fetched' in c.value for c in at.sidebar.caption)
+        at.button(key='fetch_weights').click().run()  # offline: says why, starts nothing
+        assert any('T2T_VIZ_OFFLINE=1' in w.value for w in at.sidebar.warning)
+        monkeypatch.delenv('T2T_VIZ_OFFLINE')
+        at.session_state['fetch_problems'] = []
+        at.button(key='fetch_weights').click().run()
+        texts = []
+        for _ in range(20):  # the page shows bytes done of the total while the download runs
+            texts += [p.proto.text for p in at.get('progress') if p.proto.text.startswith('t2t_vit_7:')]
+            if any(' MiB of ' in text for text in texts):
+                break
+            time.sleep(0.2)
+            at.run()
+        assert any(' MiB of 16 MiB' in text for text in texts), texts
+        deadline = time.time() + 60
+        while not (tmp_path / 'checkpoints' / '71.7_T2T_ViT_7.pth.tar').exists() and time.time() < deadline:
+            time.sleep(0.2)
+        at.run()
+        at.run()
+        assert not at.exception
+        assert not any('random weights' in str(w.value) for w in at.warning)
+        assert 'trained (file:' in _texts(at)
+    finally:
+        server.shutdown()

@@ -1,4 +1,4 @@
-"""One real-browser test: `streamlit run app.py` driven by headless Chromium through Playwright."""
+"""One real-browser test: plain `streamlit run app.py` driven by headless Chromium through Playwright."""
 import csv
 import io
 import os
@@ -9,10 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
+from skimage import data
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = '/usr/bin/chromium'
 SCREENSHOTS = ROOT / 'artifacts' / 'screenshots'
+MODELS = ('resnet18', 'vit_tiny_patch16_224', 't2t_vit_7')
 
 playwright_api = pytest.importorskip('playwright.sync_api')
 
@@ -24,16 +27,16 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def server():
+def server(tmp_path):
     if not os.path.exists(CHROMIUM):
         pytest.skip('Debian chromium is not installed (scripts/run_tests.sh installs it)')
     port = _free_port()
-    env = {**os.environ, 'T2T_VIZ_MODELS': 'resnet18,vit_tiny_patch16_224,t2t_vit_7', 'T2T_VIZ_OFFLINE': '1'}
+    env = {**os.environ, 'T2T_VIZ_MODELS': ','.join(MODELS), 'T2T_VIZ_OFFLINE': '1',
+           'T2T_VIZ_CHECKPOINTS': str(tmp_path / 'checkpoints')}
+    # the plain command of the README (settings from .streamlit/config.toml), on a free local port
     process = subprocess.Popen(
-        [sys.executable, '-m', 'streamlit', 'run', str(ROOT / 'app.py'), '--server.headless', 'true',
-         '--server.port', str(port), '--server.address', '127.0.0.1', '--server.fileWatcherType', 'none',
-         '--browser.gatherUsageStats', 'false'],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [sys.executable, '-m', 'streamlit', 'run', 'app.py', '--server.headless', 'true', '--server.port', str(port),
+         '--server.address', '127.0.0.1'], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
@@ -46,38 +49,64 @@ def server():
     process.wait(timeout=20)
 
 
-def test_upload_grid_stages_and_csv(server, chelsea, tmp_path):
+def _download(page, name: str) -> str:
+    with page.expect_download() as download_info:
+        page.get_by_role('button', name=name).click()
+    return Path(download_info.value.path()).read_text()
+
+
+def test_upload_grid_stages_csv_and_dataset_mode(server, chelsea, tmp_path):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     image_path = tmp_path / 'cat.png'
     chelsea.save(image_path)
+    batch = []
+    for name, load in (('coffee', data.coffee), ('rocket', data.rocket), ('astronaut', data.astronaut)):
+        batch.append(tmp_path / f'{name}.png')
+        Image.fromarray(load()).resize((160, 120)).save(batch[-1])
+    (tmp_path / 'broken.png').write_bytes(b'not an image')
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
             '--disable-background-networking', '--disable-component-update', '--disable-sync'])
         page = browser.new_page(viewport={'width': 1400, 'height': 1000}, accept_downloads=True)
         page.goto(server)
-        page.get_by_text('Upload', exact=True).click()
-        page.locator('input[type="file"]').set_input_files(str(image_path))
+        # the uploader is on the first screen: drop the file without any other click
+        page.locator('[data-testid="stSidebar"] input[type="file"]').set_input_files(str(image_path))
         page.get_by_role('tab', name='Feature maps').wait_for(timeout=180_000)
         page.locator('[data-testid="stImage"] img').first.wait_for(timeout=180_000)
+        page.get_by_text('cat.png').first.wait_for(timeout=30_000)
         page.screenshot(path=str(SCREENSHOTS / 'feature_maps.png'), full_page=True)
 
-        for tab in ('Compare', 'T2T stages', 'Dead channels', 'Predictions'):
+        for tab in ('Compare', 'Procedures', 'T2T stages', 'Norms & massive', 'Dead channels', 'Predictions'):
             page.get_by_role('tab', name=tab).click()
-            page.wait_for_timeout(1500)
-            page.screenshot(path=str(SCREENSHOTS / f"{tab.lower().replace(' ', '_')}.png"), full_page=True)
+            page.wait_for_timeout(2500)
+            page.screenshot(path=str(SCREENSHOTS / f"{tab.lower().replace(' ', '_').replace('&', 'and')}.png"),
+                            full_page=True)
             if tab == 'T2T stages':
-                text = page.locator('p', has_text='Tokens:').first.inner_text()
+                text = page.locator('p', has_text='Tokens:').first.inner_text(timeout=60_000)
                 assert '3136' in text and '784' in text and '196' in text
             if tab == 'Dead channels':
-                with page.expect_download() as download_info:
-                    page.get_by_role('button', name='Download CSV').click()
-                content = Path(download_info.value.path()).read_text()
+                single = _download(page, 'Download CSV')
+
+        page.get_by_role('link', name='Dataset statistics').click()
+        page.locator('[data-testid="stMain"] input[type="file"]').set_input_files(
+            [str(path) for path in batch] + [str(tmp_path / 'broken.png')])
+        page.get_by_role('button', name='Run').click()
+        page.get_by_text('3 images through 3 model(s)').wait_for(timeout=180_000)
+        page.get_by_text('broken.png').first.wait_for(timeout=10_000)
+        page.screenshot(path=str(SCREENSHOTS / 'dataset.png'), full_page=True)
+        per_image = _download(page, 'Download per-image CSV')
+        per_channel = _download(page, 'Download per-channel CSV')
         browser.close()
 
-    rows = list(csv.DictReader(io.StringIO(content)))
-    assert content.startswith('image,model,weights,layer,kind,depth,height,width,tokens,channels,dead,'
-                              'dead_fraction,flat,massive,dead_ids,massive_ids')
-    assert {r['model'] for r in rows} == {'resnet18', 'vit_tiny_patch16_224', 't2t_vit_7'}
+    rows = list(csv.DictReader(io.StringIO(single)))
+    assert single.startswith('image,model,weights,layer,kind,depth,height,width,tokens,channels,dead,'
+                             'dead_fraction,flat,massive,dead_ids,massive_ids')
+    assert {r['model'] for r in rows} == set(MODELS)
     assert {r['image'] for r in rows} == {'cat.png'} and {r['weights'] for r in rows} == {'random'}
     assert len(rows) == 21 + 13 + 13
+    dataset_rows = list(csv.DictReader(io.StringIO(per_image)))
+    assert {r['image'] for r in dataset_rows} == {'coffee.png', 'rocket.png', 'astronaut.png'}
+    assert len(dataset_rows) == 3 * (21 + 13 + 13)
+    channel_rows = list(csv.DictReader(io.StringIO(per_channel)))
+    assert {r['images'] for r in channel_rows} == {'3'} and {r['model'] for r in channel_rows} == set(MODELS)

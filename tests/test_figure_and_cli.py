@@ -6,9 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from t2t_viz import cli, memory
+from t2t_viz import memory
 from t2t_viz.capture import Layer
 from t2t_viz.cli import main
+from t2t_viz.dataset import fitting_batch
+from t2t_viz.pipeline import memory_estimate
 from t2t_viz.figure import Panel, compose, figure_layers
 from t2t_viz.render import DEAD_COLOR
 from t2t_viz.stats import summarize
@@ -88,12 +90,11 @@ def test_stats_with_both_procedures(cat, tmp_path):
 
 
 def test_batch_shrinks_to_fit_memory_or_is_refused(cat, tmp_path, monkeypatch, capsys):
-    one_image = cli.memory_estimate('t2t_vit_7', 448, 1, 'real_forward', mlp_hidden=False, keep_maps=False).peak
-    assert cli.fitting_batch('t2t_vit_7', 448, 8, 'real_forward', False, available=int(2.5 * one_image)) == 2
-    with pytest.raises(cli.UserError, match=r'needs about .* for one image, but only'):
-        cli.fitting_batch('t2t_vit_7', 448, 8, 'real_forward', False, available=one_image // 2)
+    one_image = memory_estimate('t2t_vit_7', 448, 1, 'real_forward', mlp_hidden=False, keep_maps=False).peak
+    assert fitting_batch('t2t_vit_7', 448, 8, 'real_forward', False, available=int(2.5 * one_image)) == 2
+    with pytest.raises(memory.InsufficientMemory, match=r'needs about .* for one image, but only'):
+        fitting_batch('t2t_vit_7', 448, 8, 'real_forward', False, available=one_image // 2)
     monkeypatch.setattr(memory, 'available_bytes', lambda: int(2.5 * one_image))
-    monkeypatch.setattr(cli, 'available_bytes', lambda: int(2.5 * one_image))
     for i in range(3):
         Image.open(cat).save(tmp_path / f'{i}.png')
     out = tmp_path / 'stats.csv'

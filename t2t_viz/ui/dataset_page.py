@@ -1,0 +1,234 @@
+"""Dataset mode: many images through the chosen models, statistics only, with progress and a stop button."""
+from __future__ import annotations
+
+import io
+import itertools
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+from PIL import Image
+
+from .. import memory, zoo
+from ..capture import REAL_FORWARD
+from ..dataset import Failure, NamedImage, StatsRun, count_inputs, depth_bands, expand_uploads, fitting_batch
+from ..images import ImageError
+from ..procedures import PAPER_NOTEBOOK
+from ..render import colorize, normalize_channels, upscale
+from .explore import PLOT_CONFIG
+from .resources import load_model, model_result
+from .sidebar import SAMPLES, Settings
+
+__all__ = ['page', 'DatasetJob', 'DATASET_SIZES']
+
+DATASET_SIZES = (224, 384, 448, 512, 768, 1024)
+EXAMPLES = 4  # images kept (as thumbnails' sources) to show a chosen channel on
+PROCEDURE_CHOICES = {'real forward pass': (REAL_FORWARD,), "as the paper's notebooks": (PAPER_NOTEBOOK,),
+                     'both': (REAL_FORWARD, PAPER_NOTEBOOK)}
+_COLORS = ('#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b')
+
+
+@dataclass
+class DatasetJob:
+    """One session's dataset run, resumable across script reruns: the loop picks up where it stopped."""
+    run: StatsRun
+    pending: Iterator[Union[NamedImage, Failure]]
+    total: int  # inputs expected (zip members counted)
+    batch_size: int
+    batches: dict
+    img_size: int
+    rows_file: io.TextIOBase
+    started: float = field(default_factory=time.monotonic)
+    examples: List[NamedImage] = field(default_factory=list)
+    finished: bool = False
+    stopped: bool = False
+
+    @property
+    def seen(self) -> int:
+        return self.run.images_done + len(self.run.failures)
+
+    def csv_text(self) -> str:
+        """The per-image CSV so far (the rows file is read back; memory holds no rows)."""
+        position = self.rows_file.tell()
+        self.rows_file.seek(0)
+        text = self.rows_file.read()
+        self.rows_file.seek(position)
+        return text
+
+    def step(self) -> bool:
+        """Run one batch; False when there is nothing left."""
+        items = list(itertools.islice(self.pending, self.batch_size))
+        batch = [item for item in items if isinstance(item, NamedImage)]
+        self.run.failures.extend(item for item in items if isinstance(item, Failure))
+        self.examples.extend(batch[:EXAMPLES - len(self.examples)])
+        if batch:
+            self.run.add_batch(batch, self.batches)
+        return bool(items)
+
+    def time_left(self) -> Optional[float]:
+        if not self.seen or self.seen >= self.total:
+            return None
+        return (time.monotonic() - self.started) / self.seen * (self.total - self.seen)
+
+
+def _sources(uploads, use_samples: bool) -> List[Tuple[str, bytes]]:
+    files = [(upload.name, upload.getvalue()) for upload in uploads or []]
+    if use_samples:
+        for label, load in SAMPLES.items():
+            buffer = io.BytesIO()
+            Image.fromarray(load()).save(buffer, format='PNG')
+            files.append((label.split(' ')[0] + '.png', buffer.getvalue()))
+    return files
+
+
+def _start(settings: Settings, files: List[Tuple[str, bytes]], img_size: int, procedures, batch_size: int) -> None:
+    models, batches = {}, {}
+    for name in settings.models:
+        try:
+            models[name] = load_model(name, img_size, settings.device)
+            for procedure in procedures:
+                batches[name, procedure] = fitting_batch(name, img_size, batch_size, procedure)
+        except (zoo.WeightsError, ImageError, memory.InsufficientMemory, ValueError, RuntimeError) as e:
+            st.error(f'{name}: {e}')
+            models.pop(name, None)
+    if not models:
+        return
+    rows_file = tempfile.TemporaryFile('w+', newline='')
+    run = StatsRun(models, rows_file, settings.thresholds, procedures)
+    total = count_inputs(files)
+    st.session_state.dataset_job = DatasetJob(run, expand_uploads(files), total, batch_size, batches, img_size,
+                                              rows_file)
+
+
+def _run(job: DatasetJob) -> None:
+    """The resumable loop: a rerun (a widget, the Stop button) interrupts it between batches."""
+    st.button('Stop', key='ds_stop', on_click=lambda: setattr(job, 'stopped', True))
+    bar = st.progress(job.seen / max(1, job.total), text='starting...')
+    while not job.stopped:
+        if not job.step():
+            job.finished = True
+            break
+        left = job.time_left()
+        bar.progress(min(1.0, job.seen / max(1, job.total)),
+                     text=f'{job.seen} of {job.total} images' + (f', about {left:.0f} s left' if left else ''))
+    st.rerun()
+
+
+def _band_chart(series, column: str, title: str, log: bool = False) -> go.Figure:
+    figure = go.Figure()
+    for i, s in enumerate(series):
+        color = _COLORS[i % len(_COLORS)]
+        label = s.model + ('' if s.procedure == REAL_FORWARD else f' ({s.procedure})')
+        x = s.relative_depth.tolist()
+        figure.add_trace(go.Scatter(x=x + x[::-1], y=s.high[column].tolist() + s.low[column].tolist()[::-1],
+                                    fill='toself', fillcolor=color, opacity=0.2, line=dict(width=0),
+                                    hoverinfo='skip', name=f'{label} min-max', showlegend=False))
+        figure.add_trace(go.Scatter(x=x, y=s.mean[column].tolist(), mode='lines+markers', line=dict(color=color),
+                                    name=label, text=s.labels, hovertemplate='%{text}: %{y:.3g}<extra></extra>'))
+    figure.update_layout(title=title, xaxis_title='relative depth', yaxis_title=column, height=380,
+                         yaxis_type='log' if log else 'linear')
+    return figure
+
+
+def _heatmap(job: DatasetJob, model: str, procedure: str) -> Tuple[go.Figure, List[Tuple[str, str]]]:
+    layers = job.run.counter.layers(model, procedure)
+    width = max(counts.dead_images.numel() for _, counts in layers)
+    z = np.full((len(layers), width), np.nan)
+    for row, (_, counts) in enumerate(layers):
+        z[row, :counts.dead_images.numel()] = counts.frequency.numpy()
+    labels = [f'{counts.label} ({name})' for name, counts in layers]
+    figure = go.Figure(go.Heatmap(z=z, y=labels, colorscale='Reds', zmin=0, zmax=1,
+                                  colorbar=dict(title='dead in'),
+                                  hovertemplate='layer %{y}<br>channel %{x}<br>dead in %{z:.0%} of images<extra></extra>'))
+    figure.update_layout(title=f'{model}: fraction of images in which each channel is dead', height=max(400, 14 * len(labels)),
+                         xaxis_title='channel', yaxis=dict(autorange='reversed'))
+    return figure, [(name, counts.label) for name, counts in layers]
+
+
+def _channel_examples(job: DatasetJob, settings: Settings, model: str, procedure: str, layer_label: str,
+                      channel: int) -> None:
+    columns = st.columns(max(1, len(job.examples)))
+    for column, example in zip(columns, job.examples):
+        try:
+            result = model_result(example.image, f'dataset:{example.name}', model, job.img_size, settings.device,
+                                  settings.thresholds, procedure, [layer_label])
+        except (memory.InsufficientMemory, ValueError, RuntimeError) as e:
+            column.error(str(e))
+            continue
+        layer, summary = result.capture.layers[0], result.summaries[0]
+        unit = normalize_channels(layer.fmap[channel:channel + 1])[0]
+        state = 'dead' if channel in summary.dead_ids else 'alive'
+        column.image(upscale(colorize(unit), 160), caption=f'{example.name}: channel {channel} ({state})')
+
+
+def _results(job: DatasetJob, settings: Settings) -> None:
+    run = job.run
+    st.success(f'{run.images_done} images through {len(run.models)} model(s)'
+               + (' (stopped)' if job.stopped and not job.finished else ''))
+    random = [name for name, loaded in run.models.items() if not loaded.weights.trained]
+    if random:
+        st.warning(f'**Random weights**: {", ".join(random)} — their statistics are not meaningful. Fetch trained '
+                   'weights in the sidebar, then run again.')
+    if run.failures:
+        with st.expander(f'{len(run.failures)} file(s) skipped', expanded=True):
+            for failure in run.failures:
+                st.markdown(f'- `{failure.name}`: {failure.reason}')
+    downloads = st.columns(2)
+    downloads[0].download_button('Download per-image CSV', data=job.csv_text, file_name='stats.csv', mime='text/csv',
+                                 key='ds_csv', on_click='ignore')
+    downloads[1].download_button('Download per-channel CSV', data=run.per_channel_csv, file_name='channels.csv',
+                                 mime='text/csv', key='ds_channels', on_click='ignore')
+    if not run.images_done:
+        return
+    series = depth_bands(run.aggregates.values())
+    for column, title, log in (('dead_fraction', 'dead channels', False), ('flat_fraction', 'flat channels', False),
+                               ('massive_fraction', 'massive channels', False),
+                               ('max_abs_ratio', 'largest |x| / median |x|', True),
+                               ('high_norm_fraction', 'high-norm tokens', False)):
+        st.plotly_chart(_band_chart(series, column, f'{title}: mean over images, band from min to max', log),
+                        key=f'ds_{column}', config=PLOT_CONFIG)
+    choices = sorted({(a.model, a.procedure) for a in run.aggregates.values()})
+    model, procedure = st.selectbox('Heatmap of', choices, format_func=lambda c: f'{c[0]} ({c[1]})', key='ds_model')
+    figure, layers = _heatmap(job, model, procedure)
+    event = st.plotly_chart(figure, key='ds_heatmap', on_select='rerun', selection_mode='points', config=PLOT_CONFIG)
+    points = getattr(getattr(event, 'selection', None), 'points', None) or []
+    picks = st.columns(2)
+    layer_index = picks[0].selectbox('Layer', range(len(layers)), format_func=lambda i: layers[i][1], key='ds_layer')
+    channel = picks[1].number_input('Channel', 0, None, 0, key='ds_channel')
+    if points:  # a click on the heatmap chooses the cell
+        labels = [f'{label} ({name})' for name, label in layers]
+        layer_index, channel = labels.index(points[0]['y']), int(points[0]['x'])
+    name, label = layers[layer_index]
+    channels = job.run.counter.layers(model, procedure)[layer_index][1]
+    channel = min(channel, channels.dead_images.numel() - 1)
+    st.caption(f'{label} channel {channel}: dead in {float(channels.frequency[channel]):.0%} of '
+               f'{channels.images} images; shown on the first {len(job.examples)}')
+    _channel_examples(job, settings, model, procedure, label, channel)
+
+
+def page(settings: Settings) -> None:
+    st.title('Dataset statistics')
+    st.caption('Dead, flat and massive channels, massive activations and high-norm tokens over many images. Only '
+               'statistics are kept, so memory does not grow with the number of images.')
+    job: Optional[DatasetJob] = st.session_state.get('dataset_job')
+    uploads = st.file_uploader('Images, or .zip files of images', accept_multiple_files=True, key='ds_files')
+    controls = st.columns(4)
+    use_samples = controls[0].checkbox('All bundled samples', key='ds_samples')
+    img_size = controls[1].selectbox('Input size', DATASET_SIZES, key='ds_size')
+    procedures = PROCEDURE_CHOICES[controls[2].selectbox('Procedure', list(PROCEDURE_CHOICES), key='ds_procedure')]
+    batch_size = controls[3].number_input('Batch size', 1, 64, 8, key='ds_batch')
+    running = job is not None and not job.finished and not job.stopped
+    if st.button('Run', type='primary', key='ds_run', disabled=running or not (uploads or use_samples)):
+        _start(settings, _sources(uploads, use_samples), img_size, procedures, int(batch_size))
+        job = st.session_state.get('dataset_job')
+        running = job is not None
+    if job is None:
+        st.info('Upload images (several files, or .zip files) or choose the bundled samples, then Run.')
+        return
+    if running:
+        _run(job)
+    _results(job, settings)

@@ -1,0 +1,73 @@
+"""What the pages share: the byte-budgeted store, models and results kept in it, memory checks.
+
+Everything kept between requests goes through one :class:`~t2t_viz.store.ByteBudgetStore`, shared by
+all sessions of the server (``st.cache_resource`` holds the store itself, nothing else).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple
+
+import streamlit as st
+import torch
+from PIL import Image
+
+from .. import memory, zoo
+from ..capture import REAL_FORWARD
+from ..pipeline import DISPLAY_SIDE, ModelResult, inspect_images, memory_estimate
+from ..stats import Thresholds
+from ..store import ByteBudgetStore
+
+__all__ = ['store', 'load_model', 'model_result', 'run_fits', 'DISPLAY_DTYPE']
+
+DISPLAY_DTYPE = torch.float16  # kept maps are for display; statistics are reduced from full maps
+
+
+@st.cache_resource(show_spinner=False)
+def store() -> ByteBudgetStore:
+    """The one store of this server process (budget: T2T_VIZ_CACHE_BYTES or T2T_VIZ_CACHE_FRACTION)."""
+    return ByteBudgetStore()
+
+
+def _model_key(name: str, img_size: int, device: str) -> Tuple:
+    """Includes where the weights are now, so that a file that arrives replaces a random-weights model."""
+    zoo.check_name(name)
+    weights = zoo.weights_status(name)
+    return ('model', name, img_size, device, weights.source, weights.location)
+
+
+def load_model(name: str, img_size: int, device: str) -> zoo.LoadedModel:
+    """The model from the store, loaded (never downloaded: the sidebar does that) when missing.
+
+    A model whose weights are larger than the store's whole budget is refused before it is built.
+    """
+    shared = store()
+    return shared.get_or_create(_model_key(name, img_size, device), lambda: zoo.load(
+        name, img_size=img_size, device=device, allow_download=False, max_weight_bytes=shared.budget))
+
+
+def run_fits(name: str, img_size: int, procedure: str, layers: Optional[Tuple[str, ...]], device: str) -> None:
+    """Raise InsufficientMemory when this run (and its model, if not loaded yet) would not fit now."""
+    estimate = memory_estimate(name, img_size, 1, procedure, dtype=DISPLAY_DTYPE, max_side=DISPLAY_SIDE,
+                               layers=layers, stop_early=layers is not None)
+    needed = estimate.peak
+    if store().get(_model_key(name, img_size, device)) is None:
+        needed += estimate.weights
+    memory.check_fits(needed, f'{name} at {img_size}x{img_size}')
+
+
+def model_result(image: Image.Image, image_key: str, name: str, img_size: int, device: str,
+                 thresholds: Thresholds, procedure: str = REAL_FORWARD, layers: Optional[Sequence[str]] = None,
+                 progress: Optional[Callable[[int, int], None]] = None) -> ModelResult:
+    """One model's result on one image, from the store or computed (display maps float16, at most
+    ``DISPLAY_SIDE`` pixels a side; ``layers`` limits the capture and stops the pass after the last)."""
+    layers = tuple(layers) if layers else None
+    key = ('result', image_key, _model_key(name, img_size, device), thresholds, procedure, layers)
+    shared = store()
+    cached = shared.get(key)
+    if cached is not None:
+        return cached
+    run_fits(name, img_size, procedure, layers, device)
+    loaded = load_model(name, img_size, device)
+    return shared.get_or_create(key, lambda: inspect_images(
+        loaded, [image], thresholds, dtype=DISPLAY_DTYPE, max_side=DISPLAY_SIDE, layers=layers,
+        procedure=procedure, progress=progress, stop_early=layers is not None)[0])
