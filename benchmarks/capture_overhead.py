@@ -19,13 +19,12 @@ import sys
 import tempfile
 import time
 
-import timm
 import torch
 from PIL import Image
 from skimage import data
 
 import t2t_viz  # noqa: F401  (registers T2T-ViT)
-from t2t_viz import capture
+from t2t_viz import capture, zoo
 from t2t_viz.allocator import reuse_freed_memory
 from t2t_viz.zoo import DEFAULT_MODELS
 
@@ -44,7 +43,7 @@ def main() -> None:
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}, {allocator}')
     print(f"{'model':<24}{'forward ms':>12}{'capture ms':>12}{'overhead':>10}{'layers':>8}")
     for name in args.models:
-        model = timm.create_model(name).eval()
+        model = zoo.load(name, img_size=224, device='cpu', allow_download=False).model
 
         def bare():
             with torch.inference_mode():

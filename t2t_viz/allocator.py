@@ -5,6 +5,12 @@ other's memory within the pass. With glibc's defaults the freed memory is handed
 each pass (trimmed or unmapped), and the next pass page-faults all of it in again: on ResNet50 at 224 that
 alone costs about 10% of the forward time. Raising glibc's mmap and trim thresholds keeps it in the heap.
 
+The mmap threshold stays at 4 MiB: every activation of the default models at 224 is smaller and is
+reused from the heap, while the maps of high-resolution inputs (tens to hundreds of MiB at 1024-2048)
+get their own mappings, returned to the kernel when freed. Kept in the heap, they fragmented it: a
+ViT-L/16 capture at 1024 grew the process by 645 MiB where 193 MiB were live at the peak
+(``benchmarks/memory_estimate.py``).
+
 The setting is process-wide, so the entry points (CLI, app, benchmarks) call :func:`reuse_freed_memory`;
 the library never changes it on import.
 """
@@ -22,7 +28,7 @@ _logger = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters from glibc's <malloc.h>
 _M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 32 * 1024 ** 2  # glibc's maximum; larger blocks (high-res maps) still get their own mmap
+MMAP_THRESHOLD_BYTES = 4 * 1024 ** 2  # larger blocks (high-resolution maps) get their own mmap, returned on free
 TRIM_THRESHOLD_BYTES = 1024 ** 3  # free heap kept before glibc gives memory back to the kernel
 
 _lock = threading.Lock()

@@ -77,15 +77,17 @@ class ChannelStats:
 
 
 def channel_stats(fmap: torch.Tensor) -> ChannelStats:
-    """Statistics of a (C, H, W) map per channel, in float32 (min/max exact; mean and std from float32 sums)."""
+    """Statistics of a (C, H, W) map per channel, in float32.
+
+    Every reduction reads the map in place: a ``dtype=float64`` reduction would make a hidden float64 copy
+    of the whole map, which memory estimates cannot see (min/max are exact; mean and std come from
+    PyTorch's float32 Welford reduction).
+    """
     values = fmap.reshape(fmap.shape[0], -1).float()  # (C, H*W); a view when fmap is float32
     minimum, maximum = torch.aminmax(values, dim=1)
-    count = values.shape[1]
-    mean = values.sum(dim=1, dtype=torch.float64) / count
-    mean_square = torch.linalg.vector_norm(values, dim=1, dtype=torch.float64) ** 2 / count
-    std = (mean_square - mean * mean).clamp(min=0).sqrt()
-    return ChannelStats(max_abs=torch.maximum(maximum, -minimum), mean=mean.float(), std=std.float(),
-                        minimum=minimum, maximum=maximum)
+    std, mean = torch.std_mean(values, dim=1, correction=0)
+    return ChannelStats(max_abs=torch.maximum(maximum, -minimum), mean=mean, std=std, minimum=minimum,
+                        maximum=maximum)
 
 
 @dataclass

@@ -66,7 +66,8 @@ class SoftSplit(nn.Module):
         return (height + 2 * p - k) // s + 1, (width + 2 * p - k) // s + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.unfold(x).transpose(1, 2)
+        # contiguous: the LayerNorm that follows would otherwise make the same copy where no one sees it
+        return self.unfold(x).transpose(1, 2).contiguous()
 
 
 class TokenTransformer(nn.Module):
