@@ -19,7 +19,7 @@ from skimage import data
 from t2t_viz import zoo
 from t2t_viz.allocator import reuse_freed_memory
 from t2t_viz.images import preprocess
-from t2t_viz.pipeline import inspect_images
+from t2t_viz.pipeline import DISPLAY_DTYPE, DISPLAY_SIDE, inspect_images
 from t2t_viz.render import channel_grid, order_channels
 
 
@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault('T2T_VIZ_OFFLINE', '1')
     reuse_freed_memory()  # as the app does
-    loaded = {name: zoo.load(name, device='cpu') for name in args.models}
+    loaded = {name: zoo.load(name, img_size=224, device='cpu', allow_download=False) for name in args.models}
     photos = [Image.fromarray(f()) for f in (data.chelsea, data.coffee, data.astronaut, data.rocket)]
     bare, app = [], []
     for i in range(args.repeats + 1):
@@ -42,7 +42,7 @@ def main() -> None:
         forward_s = time.perf_counter() - start
         start = time.perf_counter()
         for model in loaded.values():
-            result = inspect_images(model, [image])[0]
+            result = inspect_images(model, [image], dtype=DISPLAY_DTYPE, max_side=DISPLAY_SIDE)[0]  # as the app
             layer, summary = result.capture.layers[0], result.summaries[0]
             channel_grid(layer.fmap, summary, order_channels(summary, limit=64))
         app_s = time.perf_counter() - start

@@ -25,14 +25,14 @@ import torch.nn.functional as F
 from .models import T2TViT
 
 __all__ = ['Layer', 'Capture', 'Point', 'Recorder', 'run', 'layer_points', 'select_points', 't2t_module_points',
-           'pooled_size', 'model_device', 'FLOAT16_MAX', 'REAL_FORWARD']
+           'pooled_size', 'model_device', 'FLOAT16_MAX', 'REAL_FORWARD', 'HOOK_REGISTRY_LOCK']
 
 REAL_FORWARD = 'real_forward'
 FLOAT16_MAX = 65504.0  # kept float16 maps are clamped to this magnitude instead of overflowing to inf
 
 _active_recorder: contextvars.ContextVar[Optional['Recorder']] = contextvars.ContextVar(
     't2t_viz_active_recorder', default=None)
-_hook_registry_lock = threading.Lock()  # registering/removing hooks mutates the shared module's dicts
+HOOK_REGISTRY_LOCK = threading.Lock()  # registering/removing hooks mutates the shared module's dicts
 
 
 @dataclass
@@ -320,7 +320,7 @@ def run(
     token = _active_recorder.set(recorder)
     logits = None
     try:
-        with _hook_registry_lock:
+        with HOOK_REGISTRY_LOCK:
             for point in points:
                 hook = functools.partial(_hook, recorder, point.module_name)
                 handles.append(modules[point.module_name].register_forward_hook(hook))
@@ -330,7 +330,7 @@ def run(
         pass
     finally:
         _active_recorder.reset(token)
-        with _hook_registry_lock:
+        with HOOK_REGISTRY_LOCK:
             for handle in handles:
                 handle.remove()
     return recorder.captures(logits, x)

@@ -116,6 +116,23 @@ def test_procedures_tab_puts_both_procedures_side_by_side():
     assert len(captions) == 2
 
 
+def test_attention_tab_class_token_picked_token_rollout_and_t2t_layers():
+    at = _app()
+    at.session_state['explore_tab'] = 'Attention'
+    at.run()
+    assert at.selectbox(key='at_model').options == ['vit_tiny_patch16_224', 't2t_vit_7']  # no ResNet
+    assert any('mean over 3 head(s) on the 14x14 grid' in c.value for c in at.caption)
+    at.checkbox(key='at_rollout').check().run()
+    at.radio(key='at_query_mode').set_value('a token I pick').run()
+    at.number_input(key='at_row').set_value(3).run()
+    assert any('from the token (3, 7)' in c.value for c in at.caption)
+    at.selectbox(key='at_model').set_value('t2t_vit_7').run()
+    at.radio(key='at_source').set_value('T2T restructurization 1').run()
+    assert any('Performer' in c.value and '56x56 grid of 3136 tokens' in c.value for c in at.caption)
+    at.checkbox(key='t2t1_received').check().run()
+    assert not at.exception
+
+
 def test_figure2_view(chelsea):
     at = _app()
     at.switch_page('t2t_viz/ui/pages/figure2.py').run()

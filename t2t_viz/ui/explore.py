@@ -18,13 +18,14 @@ from ..procedures import PAPER_NOTEBOOK, describe
 from ..render import blend, channel_grid, norm_image, order_channels, overlay, pca_image, png_bytes, upscale
 from ..stats import LayerSummary, csv_text
 from ..views import compare_depths, denormalize, depth_curves, soft_split_windows, t2t_steps
+from . import attention_tab
 from .resources import load_model, model_result
 from .sidebar import Settings
 
 __all__ = ['page', 'run_models', 'weights_notes', 'EXPLORE_SIZES', 'TABS']
 
 EXPLORE_SIZES = (224, 384, 448, 512, 768, 1024, 1536, 2048)
-TABS = ('Feature maps', 'Compare', 'Procedures', 'T2T stages', 'Norms & massive', 'Dead channels',
+TABS = ('Feature maps', 'Compare', 'Procedures', 'T2T stages', 'Attention', 'Norms & massive', 'Dead channels',
         'Predictions')
 VIEWS = ('channels', 'PCA colours', 'token norms')
 COMPARE_CELL = 64  # pixels per channel tile in the Compare panels
@@ -304,6 +305,8 @@ def page(settings: Settings) -> None:
     results = run_models(settings, img_size)
     if not results:
         return
+    image = st.session_state.image
+    st.caption(f'Results for {st.session_state.image_name} ({image.width}x{image.height}) at {img_size}x{img_size}')
     weights_notes(results)
     tabs = st.tabs(TABS, key='explore_tab', on_change='rerun')
     renderers = {
@@ -311,6 +314,7 @@ def page(settings: Settings) -> None:
         'Compare': lambda: _compare_tab(results),
         'Procedures': lambda: _procedures_tab(results, settings, img_size),
         'T2T stages': lambda: _stages_tab(results, settings, img_size),
+        'Attention': lambda: attention_tab.render(results, settings, img_size),
         'Norms & massive': lambda: _norms_tab(results),
         'Dead channels': lambda: _dead_tab(results),
         'Predictions': lambda: _predictions_tab(results),

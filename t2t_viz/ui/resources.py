@@ -8,18 +8,15 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence, Tuple
 
 import streamlit as st
-import torch
 from PIL import Image
 
 from .. import memory, zoo
 from ..capture import REAL_FORWARD
-from ..pipeline import DISPLAY_SIDE, ModelResult, inspect_images, memory_estimate
+from ..pipeline import DISPLAY_DTYPE, DISPLAY_SIDE, ModelResult, inspect_images, memory_estimate
 from ..stats import Thresholds
 from ..store import ByteBudgetStore
 
-__all__ = ['store', 'load_model', 'model_result', 'run_fits', 'DISPLAY_DTYPE']
-
-DISPLAY_DTYPE = torch.float16  # kept maps are for display; statistics are reduced from full maps
+__all__ = ['store', 'load_model', 'model_result', 'run_fits']
 
 
 @st.cache_resource(show_spinner=False)
