@@ -37,19 +37,21 @@ COLORMAPS = {'viridis': _viridis_lut(), 'gray': np.repeat(np.arange(256, dtype=n
 def normalize_channels(fmap: torch.Tensor) -> np.ndarray:
     """Each channel of (C, H, W) scaled to [0, 1] by its own min and max; constant channels become 0.
 
-    A dead (all-zero) or flat channel has max == min: it is drawn at 0, never divided by zero.
+    A dead (all-zero) or flat channel has max == min: it is drawn at 0, never divided by zero. Computed with
+    NumPy: pictures are drawn between forward passes, where PyTorch's thread pool would only compete with
+    the server for the cores.
     """
-    values = fmap.float().reshape(fmap.shape[0], -1)
-    low = values.amin(dim=1, keepdim=True)
-    spread = values.amax(dim=1, keepdim=True) - low
-    safe = torch.where(spread > 0, spread, torch.ones_like(spread))
-    scaled = torch.where(spread > 0, (values - low) / safe, torch.zeros_like(values))
-    return scaled.reshape(fmap.shape).numpy()
+    values = fmap.detach().float().cpu().numpy().reshape(fmap.shape[0], -1)  # (C, H*W)
+    low = values.min(axis=1, keepdims=True)
+    spread = values.max(axis=1, keepdims=True) - low
+    scaled = np.divide(values - low, spread, out=np.zeros_like(values), where=spread > 0)
+    return scaled.reshape(tuple(fmap.shape))
 
 
 def colorize(unit: np.ndarray, cmap: str = 'viridis') -> np.ndarray:
     """(H, W) values in [0, 1] -> (H, W, 3) uint8 in a colour map ('viridis', or 'gray' as the notebooks drew)."""
-    return COLORMAPS[cmap][np.clip((unit * 255).round(), 0, 255).astype(np.uint8)]
+    levels = (np.clip(unit, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return np.take(COLORMAPS[cmap], levels, axis=0)
 
 
 def order_channels(summary: LayerSummary, sort: str = 'index', flagged_only: bool = False,
@@ -88,20 +90,25 @@ def channel_grid(fmap: torch.Tensor, summary: Optional[LayerSummary] = None, cha
     rows = math.ceil(len(channels) / columns)
     pitch_h, pitch_w = cell_h + 2 * border + 2, cell_w + 2 * border + 2
     canvas = np.full((rows * pitch_h, columns * pitch_w, 3), 255, dtype=np.uint8)
-    unit = normalize_channels(fmap[channels])
-    dead = set(summary.dead_ids) if summary else set()
-    massive = set(summary.massive_ids) if summary else set()
-    flat = set(summary.flat_ids) if summary else set()
+    tiles = colorize(_resize_stack(normalize_channels(fmap[channels]), cell_h, cell_w), cmap)  # (N, h, w, 3)
+    frames = {channel: FLAT_COLOR for channel in (summary.flat_ids if summary else ())}
+    frames.update({channel: MASSIVE_COLOR for channel in (summary.massive_ids if summary else ())})
+    frames.update({channel: DEAD_COLOR for channel in (summary.dead_ids if summary else ())})
     for slot, channel in enumerate(channels):
-        tile = colorize(unit[slot], cmap)
-        shrink = cell_w < tile.shape[1]  # average when shrinking a large map, keep token squares when enlarging
-        tile = np.asarray(Image.fromarray(tile).resize((cell_w, cell_h), Image.BOX if shrink else Image.NEAREST))
-        frame = DEAD_COLOR if channel in dead else MASSIVE_COLOR if channel in massive else \
-            FLAT_COLOR if channel in flat else (90, 90, 90)
         top, left = (slot // columns) * pitch_h + 1, (slot % columns) * pitch_w + 1
-        canvas[top:top + cell_h + 2 * border, left:left + cell_w + 2 * border] = frame
-        canvas[top + border:top + border + cell_h, left + border:left + border + cell_w] = tile
+        canvas[top:top + cell_h + 2 * border, left:left + cell_w + 2 * border] = frames.get(channel, (90, 90, 90))
+        canvas[top + border:top + border + cell_h, left + border:left + border + cell_w] = tiles[slot]
     return canvas
+
+
+def _resize_stack(unit: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(N, H, W) -> (N, height, width): whole token squares when enlarging, box averages when shrinking."""
+    N, H, W = unit.shape
+    if (H, W) == (height, width):
+        return unit
+    if height >= H and width >= W:  # nearest neighbour: each token a block of pixels
+        return unit[:, (np.arange(height) * H // height)[:, None], np.arange(width) * W // width]
+    return np.stack([np.asarray(Image.fromarray(tile, 'F').resize((width, height), Image.BOX)) for tile in unit])
 
 
 def overlay(channel_map: torch.Tensor, image: Image.Image, alpha: float = 0.5) -> np.ndarray:

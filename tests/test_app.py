@@ -80,7 +80,10 @@ def test_feature_map_views_and_layer_steps():
     layer = at.select_slider(key='fm_layer')
     layer.set_value(layer.options[5]).run()
     at.number_input(key='fm_channel').set_value(3).run()
-    at.checkbox(key='fm_overlay').check().run()
+    at.checkbox(key='fm_heatmap_on').check().run()
+    assert len(at.get('plotly_chart')) == 1
+    at.button(key='fm_next').click().run()
+    assert at.select_slider(key='fm_layer').value == layer.options[6]
     for view in ('PCA colours', 'token norms', 'channels'):
         at.radio(key='fm_view').set_value(view).run()
         assert not at.exception, view

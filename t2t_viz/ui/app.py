@@ -26,6 +26,9 @@ SERVER_SETTINGS = {
     'server.maxUploadSize': 1024,  # MB: dataset mode takes .zip files of images
     'browser.gatherUsageStats': False,
     'client.toolbarMode': 'viewer',
+    # Streamlit runs a full garbage collection after every run, fragments included: with models and
+    # their results in memory that took ~0.4 s per step of a slider; reference counting frees our tensors
+    'runner.postScriptGC': False,
 }
 
 

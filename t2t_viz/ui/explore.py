@@ -15,7 +15,8 @@ from ..capture import REAL_FORWARD, Layer
 from ..images import ImageError
 from ..pipeline import ModelResult
 from ..procedures import PAPER_NOTEBOOK, describe
-from ..render import blend, channel_grid, norm_image, order_channels, overlay, pca_image, png_bytes, upscale
+from ..render import (blend, channel_grid, colorize, norm_image, normalize_channels, order_channels, overlay,
+                      pca_image, png_bytes, upscale)
 from ..stats import LayerSummary, csv_text
 from ..views import compare_depths, denormalize, depth_curves, soft_split_windows, t2t_steps
 from . import attention_tab
@@ -29,6 +30,7 @@ TABS = ('Feature maps', 'Compare', 'Procedures', 'T2T stages', 'Attention', 'Nor
         'Predictions')
 VIEWS = ('channels', 'PCA colours', 'token norms')
 COMPARE_CELL = 64  # pixels per channel tile in the Compare panels
+GRID_CELL = 64  # pixels per channel tile in the Feature maps grid: small pictures redraw fast
 PLOT_CONFIG = {'toImageButtonOptions': {'format': 'png', 'scale': 2}, 'displaylogo': False}
 
 
@@ -100,21 +102,31 @@ def _layer_picture(layer: Layer, summary: LayerSummary, view: str, channels: Lis
     return channel_grid(layer.fmap, summary, channels, columns=columns, cell=cell, cmap=cmap)
 
 
+def _step_layer(labels: List[str], step: int) -> None:
+    index = labels.index(st.session_state.fm_layer) if st.session_state.get('fm_layer') in labels else 0
+    st.session_state.fm_layer = labels[min(len(labels) - 1, max(0, index + step))]
+
+
 @st.fragment
 def _feature_maps_tab(results: Dict[str, ModelResult]) -> None:
-    top = st.columns([2, 3, 2])
+    top = st.columns([2, 4, 2])
     name = top[0].selectbox('Model', list(results), key='fm_model')
     result = results[name]
     labels = [f'{i}: {layer.label} ({layer.name})' for i, layer in enumerate(result.capture.layers)]
-    choice = top[1].select_slider('Layer', options=labels, value=labels[0], key='fm_layer')
+    if st.session_state.get('fm_layer') not in labels:
+        st.session_state.fm_layer = labels[0]
+    choice = top[1].select_slider('Layer', options=labels, key='fm_layer')
     view = top[2].radio('View', VIEWS, horizontal=True, key='fm_view')
+    steps = st.columns([1, 1, 8])
+    steps[0].button('◀ layer', key='fm_previous', on_click=_step_layer, args=(labels, -1))
+    steps[1].button('layer ▶', key='fm_next', on_click=_step_layer, args=(labels, 1))
     index = labels.index(choice)
     layer, summary = result.capture.layers[index], result.summaries[index]
     st.caption(f'{layer.name}: {layer.channels} channels on a {layer.height}x{layer.width} grid — {summary.dead} dead '
                f'(red), {summary.massive} massive (orange), {summary.flat} flat (blue); {summary.high_norm_tokens} '
                f'high-norm tokens; {_ratio(summary)}.' + _pooled_note(layer))
     if view == 'channels':
-        _channels_view(name, result, layer, summary)
+        _channels_view(name, layer, summary)
     elif view == 'PCA colours':
         picture = pca_image(layer.fmap)
         left, right = st.columns(2)
@@ -133,26 +145,42 @@ def _feature_maps_tab(results: Dict[str, ModelResult]) -> None:
                                         math.inf) for t in summary.top]), hide_index=True)
 
 
-def _channels_view(name: str, result: ModelResult, layer: Layer, summary: LayerSummary) -> None:
+def _channels_view(name: str, layer: Layer, summary: LayerSummary) -> None:
     left, middle, right = st.columns(3)
     count = left.slider('Channels shown', 1, layer.channels, min(64, layer.channels), key='fm_count')
     sort = middle.selectbox('Order', ('index', 'max', 'mean'), key='fm_sort')
     flagged_only = right.checkbox('Flagged only', key='fm_flagged')
     channels = order_channels(summary, sort=sort, flagged_only=flagged_only, limit=count)
     if channels:
-        grid = channel_grid(layer.fmap, summary, channels)
+        grid = channel_grid(layer.fmap, summary, channels, cell=GRID_CELL)
         st.image(grid, caption=f'{name} · {layer.label}')
         _download_png('Download grid', lambda: grid, f'{name}_{layer.label}_channels.png', 'fm_grid_png')
     else:
         st.info('No flagged channels in this layer.')
-    channel = st.number_input('Channel', 0, layer.channels - 1, channels[0] if channels else 0, key='fm_channel')
-    values = layer.fmap[channel].float().numpy()
-    figure = {'data': [{'type': 'heatmap', 'z': values, 'colorscale': 'Viridis', 'colorbar': {'title': 'value'}}],
-              'layout': {'title': f'channel {channel}', 'height': 420, 'margin': dict(l=10, r=10, t=40, b=10),
-                         'yaxis': {'autorange': 'reversed', 'scaleanchor': 'x'}}}
-    st.plotly_chart(figure, key='fm_heatmap', config=PLOT_CONFIG)
-    if st.checkbox('Overlay on the image', key='fm_overlay'):
-        st.image(overlay(layer.fmap[channel], st.session_state.image), caption=f'channel {channel} on the image')
+    if st.session_state.get('fm_channel', 0) >= layer.channels:
+        st.session_state.fm_channel = 0
+    _channel_detail(layer, summary)
+
+
+@st.fragment
+def _channel_detail(layer: Layer, summary: LayerSummary) -> None:
+    """One channel; its own fragment, so stepping through channels redraws only this."""
+    channel = st.number_input('Channel', 0, layer.channels - 1, key='fm_channel')
+    values = layer.fmap[channel].float()
+    flag = 'dead' if channel in summary.dead_ids else 'massive' if channel in summary.massive_ids else \
+        'flat' if channel in summary.flat_ids else ''
+    st.caption(f'channel {channel}{" (" + flag + ")" if flag else ""}: min {float(summary.stats.minimum[channel]):.4g}, '
+               f'max {float(summary.stats.maximum[channel]):.4g}, mean {float(summary.stats.mean[channel]):.4g}')
+    left, right = st.columns(2)
+    left.image(upscale(colorize(normalize_channels(values[None])[0]), 256), caption=f'channel {channel}')
+    if right.checkbox('Over the image', key='fm_overlay'):
+        right.image(overlay(values, st.session_state.image), caption='over the image')
+    if st.checkbox('Interactive heatmap (values on hover)', key='fm_heatmap_on'):
+        figure = {'data': [{'type': 'heatmap', 'z': values.numpy(), 'colorscale': 'Viridis',
+                            'colorbar': {'title': 'value'}}],
+                  'layout': {'title': f'channel {channel}', 'height': 420, 'margin': dict(l=10, r=10, t=40, b=10),
+                             'yaxis': {'autorange': 'reversed', 'scaleanchor': 'x'}}}
+        st.plotly_chart(figure, key='fm_heatmap', config=PLOT_CONFIG)
 
 
 def _compare_tab(results: Dict[str, ModelResult]) -> None:

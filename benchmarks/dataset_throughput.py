@@ -1,0 +1,79 @@
+"""Images per second in the app's dataset mode against the CLI's ``stats`` on the same images and models.
+
+    python -m benchmarks.dataset_throughput [--images 16] [--models resnet50.tv_in1k ...]
+
+The CLI's rate leaves out process start and model loading: it is (N - 1) images over the difference
+between a run on N images and a run on one. The app's rate is measured in Chromium from clicking Run to
+the summary, with the models already loaded (the Explore page loads them first). Goal: the app within
+1.2x of the CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from skimage import data
+
+from t2t_viz.zoo import PRESETS
+
+from .browser import app_server, chromium_page
+
+_SOURCES = (data.astronaut, data.coffee, data.chelsea, data.rocket)
+
+
+def _write_images(folder: Path, count: int):
+    paths = []
+    for i in range(count):
+        image = _SOURCES[i % len(_SOURCES)]()
+        image = np.ascontiguousarray(image[:, ::-1] if (i // len(_SOURCES)) % 2 else image)
+        paths.append(folder / f'{i:03d}.png')
+        Image.fromarray(image).save(paths[-1])
+    return paths
+
+
+def _cli_seconds(paths, models, folder: Path) -> float:
+    command = [sys.executable, '-m', 't2t_viz', 'stats', *map(str, paths), '-o', str(folder / 'cli.csv')]
+    for name in models:
+        command += ['--model', name]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stderr=subprocess.DEVNULL, env={**__import__('os').environ,
+                                                                      'T2T_VIZ_OFFLINE': '1'})
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--images', type=int, default=16)
+    parser.add_argument('--models', nargs='+', default=list(PRESETS['paper']))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
+        paths = _write_images(folder, args.images)
+        one = _cli_seconds(paths[:1], args.models, folder)
+        many = _cli_seconds(paths, args.models, folder)
+        cli_rate = (len(paths) - 1) / (many - one)
+        env = {'T2T_VIZ_MODELS': ','.join(args.models), 'T2T_VIZ_OFFLINE': '1'}
+        with app_server(env) as (url, _, _), chromium_page() as page:
+            page.goto(url)
+            page.get_by_text('Results for chelsea.png').wait_for(timeout=600_000)  # models loaded
+            page.get_by_role('link', name='Dataset statistics').click()
+            page.locator('[data-testid="stMain"] input[type="file"]').set_input_files([str(p) for p in paths])
+            page.wait_for_timeout(2000)
+            start = time.perf_counter()
+            page.get_by_role('button', name='Run').click()
+            page.get_by_text(f'{len(paths)} images through {len(args.models)} model(s)').wait_for(timeout=3_600_000)
+            app_rate = len(paths) / (time.perf_counter() - start)
+    print(f'{len(paths)} images x {", ".join(args.models)} at 224')
+    print(f'CLI stats: {cli_rate:.2f} images/s (model loading left out)')
+    print(f'app dataset mode: {app_rate:.2f} images/s = {cli_rate / app_rate:.2f}x the CLI time per image '
+          '(goal <= 1.2x)')
+
+
+if __name__ == '__main__':
+    main()
