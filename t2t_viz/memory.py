@@ -12,10 +12,15 @@ kept). Weights are counted from the parameters and buffers of a model built on t
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
 import logging
 import os
+import threading
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -23,8 +28,9 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ['MemoryEstimate', 'InsufficientMemory', 'LiveBytes', 'ReplayedByShape', 'tensor_bytes', 'module_bytes',
-           'measure_run', 'available_bytes', 'check_fits', 'format_bytes', 'INPUT_COPIES']
+__all__ = ['MemoryEstimate', 'InsufficientMemory', 'LiveBytes', 'ReplayedByShape', 'EstimateStore', 'tensor_bytes',
+           'module_bytes', 'measure_run', 'available_bytes', 'check_fits', 'format_bytes', 'cache_dir',
+           'INPUT_COPIES']
 
 _logger = logging.getLogger(__name__)
 
@@ -142,6 +148,60 @@ class ReplayedByShape:
         transient = torch.empty(peak - kept, dtype=torch.uint8, device=fmap.device)
         del transient
         return result
+
+
+def cache_dir() -> Path:
+    """Where t2t-viz keeps small files between runs: T2T_VIZ_CACHE_DIR, else ~/.cache/t2t_viz."""
+    return Path(os.environ.get('T2T_VIZ_CACHE_DIR') or Path.home() / '.cache' / 't2t_viz').expanduser()
+
+
+class EstimateStore:
+    """Estimates kept on disk between processes (a server's cold start need not trace its models again).
+
+    Entries are keyed by the code that made them: a hash of t2t-viz's sources and the torch and timm
+    versions, so an estimate never outlives the code it describes. The file holds a few bytes per entry.
+    """
+
+    def __init__(self, path: Optional[Path] = None):
+        self.path = path or cache_dir() / 'memory_estimates.json'
+        self._lock = threading.Lock()
+        self._entries: Optional[Dict[str, list]] = None
+        self.code = _code_version()
+
+    def _load(self) -> Dict[str, list]:
+        if self._entries is None:
+            try:
+                entries = json.loads(self.path.read_text())
+                self._entries = entries if isinstance(entries, dict) else {}
+            except (OSError, ValueError):
+                self._entries = {}
+        return self._entries
+
+    def get(self, key: str) -> Optional[MemoryEstimate]:
+        with self._lock:
+            found = self._load().get(f'{self.code}|{key}')
+        return MemoryEstimate(*found) if found else None
+
+    def put(self, key: str, estimate: MemoryEstimate) -> None:
+        with self._lock:
+            entries = self._load()
+            entries[f'{self.code}|{key}'] = [estimate.weights, estimate.peak, estimate.kept]
+            current = {k: v for k, v in entries.items() if k.startswith(self.code + '|')}  # drop old code's
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                partial = self.path.with_name(f'{self.path.name}.{os.getpid()}.part')
+                partial.write_text(json.dumps(current))
+                os.replace(partial, self.path)
+                self._entries = current
+            except OSError as e:  # a read-only home: estimates are then computed once per process
+                _logger.info('memory estimates not saved (%s)', e)
+
+
+def _code_version() -> str:
+    digest = hashlib.sha1(f'{torch.__version__}|{importlib.metadata.version("timm")}'.encode())
+    for source in sorted(Path(__file__).resolve().parent.rglob('*.py')):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def available_bytes() -> int:

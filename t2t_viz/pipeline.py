@@ -90,8 +90,14 @@ def memory_estimate(name: str, img_size: int, batch: int = 1, procedure: str = c
                     stop_early: bool = False) -> memory.MemoryEstimate:
     """What :func:`inspect_images` with these options needs for ``batch`` images of ``img_size``.
 
-    The same capture code runs shape-only on a meta-device copy of the model (see :mod:`t2t_viz.memory`).
+    The same capture code runs shape-only on a meta-device copy of the model (see :mod:`t2t_viz.memory`);
+    results are kept on disk for later processes, keyed by the code that made them.
     """
+    key = '|'.join(map(str, (name, img_size, batch, procedure, mlp_hidden, dtype, max_side, keep_maps, layers,
+                             stop_early)))
+    saved = _saved_estimates().get(key)
+    if saved is not None:
+        return saved
     model = zoo.build_on_meta(name, img_size)
     reduce = memory.ReplayedByShape(layer_stats)  # the statistics of maps of one shape allocate alike
 
@@ -100,7 +106,14 @@ def memory_estimate(name: str, img_size: int, batch: int = 1, procedure: str = c
                         keep_maps=keep_maps, layers=layers, reduce=reduce, stop_early=stop_early)
 
     peak, kept = memory.measure_run(run, (batch, 3, img_size, img_size))
-    return memory.MemoryEstimate(memory.module_bytes(model), peak, kept)
+    estimate = memory.MemoryEstimate(memory.module_bytes(model), peak, kept)
+    _saved_estimates().put(key, estimate)
+    return estimate
+
+
+@lru_cache(maxsize=1)
+def _saved_estimates() -> memory.EstimateStore:
+    return memory.EstimateStore()
 
 
 def inspect_images(

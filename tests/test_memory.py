@@ -101,3 +101,18 @@ def test_model_too_large_is_refused_before_it_is_built(monkeypatch):
     assert built and set(built) == {'meta'}  # only counted on the meta device, never allocated
     with pytest.raises(InsufficientMemory, match='over the 10.0 MiB this server allows'):
         zoo.load('t2t_vit_7', device='cpu', allow_download=False, max_weight_bytes=10 * 2**20)
+
+
+def test_estimates_are_kept_on_disk_for_the_same_code_only(tmp_path):
+    path = tmp_path / 'estimates.json'
+    first = memory.EstimateStore(path)
+    first.put('resnet18|224', memory.MemoryEstimate(1, 2, 3))
+    assert memory.EstimateStore(path).get('resnet18|224') == memory.MemoryEstimate(1, 2, 3)  # another process
+    other_code = memory.EstimateStore(path)
+    other_code.code = 'older'
+    assert other_code.get('resnet18|224') is None
+    blocked = tmp_path / 'file'
+    blocked.write_text('')
+    unwritable = memory.EstimateStore(blocked / 'estimates.json')  # its folder cannot be made
+    unwritable.put('k', memory.MemoryEstimate(1, 1, 1))
+    assert unwritable.get('k') == memory.MemoryEstimate(1, 1, 1)  # still known to this process

@@ -13,8 +13,8 @@ import torch
 
 from ..allocator import reuse_freed_memory
 from ..memory import format_bytes
-from .resources import store
-from .sidebar import image_picker, model_settings, weights_panel
+from .resources import preload, store
+from .sidebar import default_models, image_picker, model_settings, weights_panel
 
 __all__ = ['main', 'PAGES', 'PAGES_DIR', 'SERVER_SETTINGS']
 
@@ -38,6 +38,9 @@ def main(pages_dir: Path = PAGES_DIR) -> None:
     reuse_freed_memory()
     page = st.navigation([st.Page(str(pages_dir / script), title=title, default=i == 0)
                           for i, (script, title) in enumerate(PAGES)])
+    if page.title == 'Explore one image':  # read weights while the widgets are drawn
+        preload(st.session_state.get('models', default_models()), st.session_state.get('explore_size', 224),
+                st.session_state.get('device', 'auto'))
     if page.title != 'Dataset statistics':
         image_picker()
     settings = model_settings()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -31,6 +32,7 @@ TABS = ('Feature maps', 'Compare', 'Procedures', 'T2T stages', 'Attention', 'Nor
 VIEWS = ('channels', 'PCA colours', 'token norms')
 COMPARE_CELL = 64  # pixels per channel tile in the Compare panels
 GRID_CELL = 64  # pixels per channel tile in the Feature maps grid: small pictures redraw fast
+PROGRESS_INTERVAL_S = 0.5  # progress bars update at most this often (each update is a browser redraw)
 PLOT_CONFIG = {'toImageButtonOptions': {'format': 'png', 'scale': 2}, 'displaylogo': False}
 
 
@@ -46,9 +48,12 @@ def run_models(settings: Settings, img_size: int, procedure: str = REAL_FORWARD,
     results = {}
     for name in settings.models:
         status = st.empty()
+        shown = [time.monotonic()]
 
-        def progress(done: int, total: int, name=name, status=status) -> None:
-            status.progress(done / max(1, total), text=f'{name}: {done} of {total} layers')
+        def progress(done: int, total: int, name=name, status=status, shown=shown) -> None:
+            if time.monotonic() - shown[0] >= PROGRESS_INTERVAL_S:  # a fast pass draws no bar at all
+                shown[0] = time.monotonic()
+                status.progress(done / max(1, total), text=f'{name}: {done} of {total} layers')
 
         try:
             status.caption(f'{name}: loading...')

@@ -5,6 +5,8 @@ all sessions of the server (``st.cache_resource`` holds the store itself, nothin
 """
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Callable, Optional, Sequence, Tuple
 
 import streamlit as st
@@ -16,7 +18,9 @@ from ..pipeline import DISPLAY_DTYPE, DISPLAY_SIDE, ModelResult, inspect_images,
 from ..stats import Thresholds
 from ..store import ByteBudgetStore
 
-__all__ = ['store', 'load_model', 'model_result', 'run_fits']
+__all__ = ['store', 'load_model', 'model_result', 'run_fits', 'preload']
+
+_logger = logging.getLogger(__name__)
 
 
 @st.cache_resource(show_spinner=False)
@@ -42,10 +46,31 @@ def load_model(name: str, img_size: int, device: str) -> zoo.LoadedModel:
         name, img_size=img_size, device=device, allow_download=False, max_weight_bytes=shared.budget))
 
 
+def _run_estimate(name: str, img_size: int, procedure: str, layers: Optional[Tuple[str, ...]]):
+    return memory_estimate(name, img_size, 1, procedure, dtype=DISPLAY_DTYPE, max_side=DISPLAY_SIDE, layers=layers,
+                           stop_early=layers is not None)
+
+
+def preload(names: Sequence[str], img_size: int, device: str) -> None:
+    """Start estimating and loading these models in the background, while the page draws its widgets.
+
+    A cold start then reads weight files while the sidebar renders; ``model_result`` waits for a model
+    still being loaded (the store creates each key once). Failures are left to ``model_result`` to report.
+    """
+    def work() -> None:
+        for name in names:
+            try:
+                _run_estimate(name, img_size, REAL_FORWARD, None)
+                load_model(name, img_size, device)
+            except Exception as e:  # noqa: BLE001 - reported where the model is used
+                _logger.debug('preloading %s: %s', name, e)
+
+    threading.Thread(target=work, name='t2t-viz-preload', daemon=True).start()
+
+
 def run_fits(name: str, img_size: int, procedure: str, layers: Optional[Tuple[str, ...]], device: str) -> None:
     """Raise InsufficientMemory when this run (and its model, if not loaded yet) would not fit now."""
-    estimate = memory_estimate(name, img_size, 1, procedure, dtype=DISPLAY_DTYPE, max_side=DISPLAY_SIDE,
-                               layers=layers, stop_early=layers is not None)
+    estimate = _run_estimate(name, img_size, procedure, layers)
     needed = estimate.peak
     if store().get(_model_key(name, img_size, device)) is None:
         needed += estimate.weights
