@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 
-import t2t_viz  # noqa: F401  (registers T2T-ViT)
 from t2t_viz.zoo import PRESETS
 
 _CHILD = r'''

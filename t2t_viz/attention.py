@@ -46,12 +46,13 @@ from .models.t2t_vit import T2TViT, TokenPerformer, TokenTransformer
 __all__ = [
     'AttentionMaps', 'Position', 'token_grid', 't2t_layer_grid', 'query_index',
     'block_inputs', 't2t_layer_inputs', 'attention_rows', 'attention_map', 'received_attention', 'rollout_row',
-    'attention_maps', 'attention_rollout', 't2t_attention_map', 't2t_received_attention',
+    'attention_maps', 'attention_rollout', 't2t_attention_map', 't2t_received_attention', 'CHUNK_BYTES',
 ]
 
 Position = Tuple[int, int]  # (row, col) of a token on its grid
 
 _CHUNK_ELEMENTS = 1 << 25  # attention scores per chunk of query rows (128 MiB in float32)
+CHUNK_BYTES = _CHUNK_ELEMENTS * 4
 
 _active_call: contextvars.ContextVar[Optional['_InputRecorder']] = contextvars.ContextVar(
     't2t_viz_attention_call', default=None)

@@ -204,7 +204,8 @@ def _vit_points(model: nn.Module, grid: Tuple[int, int], mlp_hidden: bool) -> Li
     points = [Point('patch_embed', 'patch_embed', 'patch tokens', _patch_embed_map(grid))]
     for i in range(len(model.blocks)):
         if mlp_hidden:
-            points.append(Point(f'blocks.{i}.mlp.act', 'mlp_hidden', f'block {i + 1} MLP', _tokens_to_map(grid, prefix)))
+            points.append(Point(f'blocks.{i}.mlp.act', 'mlp_hidden', f'block {i + 1} MLP',
+                                _tokens_to_map(grid, prefix)))
         points.append(Point(f'blocks.{i}', 'block', f'block {i + 1}', _tokens_to_map(grid, prefix)))
     return points
 

@@ -316,7 +316,8 @@ def _add_procedure_option(parser: argparse.ArgumentParser, both: bool) -> None:
     choices = PROCEDURES + (('both',) if both else ())
     parser.add_argument('--procedure', default=REAL_FORWARD, choices=choices,
                         help=f"{REAL_FORWARD}: the model's forward pass; {PAPER_NOTEBOOK}: as the paper's notebooks "
-                             'computed their figures (our analogue for T2T-ViT)' + ('; both: one row each' if both else ''))
+                             'computed their figures (our analogue for T2T-ViT)'
+                             + ('; both: one row each' if both else ''))
 
 
 def _add_picture_options(parser: argparse.ArgumentParser) -> None:
@@ -376,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     figure2.set_defaults(run=_cmd_figure2, cmap='gray')
 
     app = commands.add_parser('app', help='serve the app (streamlit) on http://localhost:8501')
-    app.add_argument('streamlit_args', nargs=argparse.REMAINDER, help='passed to streamlit run, e.g. --server.port 8600')
+    app.add_argument('streamlit_args', nargs=argparse.REMAINDER,
+                     help='passed to streamlit run, e.g. --server.port 8600')
     app.set_defaults(run=_cmd_app)
 
     weights = commands.add_parser('weights', help="where each model's weights come from now")

@@ -130,7 +130,8 @@ class ByteBudgetStore:
             self._used += size
             return True
 
-    def get_or_create(self, key: Hashable, create: Callable[[], Any], size: Optional[Callable[[Any], int]] = None) -> Any:
+    def get_or_create(self, key: Hashable, create: Callable[[], Any],
+                      size: Optional[Callable[[Any], int]] = None) -> Any:
         """The value under ``key``, created (once, however many threads ask at the same time) when missing."""
         while True:
             with self._lock:

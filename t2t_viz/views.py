@@ -56,7 +56,8 @@ def depth_curves(results: Dict[str, ModelResult],
             rows.append(dict(
                 model=name, layer=s.name, label=s.label, relative_depth=i / max(1, len(summaries) - 1),
                 dead_fraction=s.fraction(s.dead), flat_fraction=s.fraction(s.flat),
-                massive_fraction=s.fraction(s.massive), max_abs=abs(top.value) if top else 0.0,
+                massive_fraction=s.fraction(s.massive), massive_count=s.massive,
+                max_abs=abs(top.value) if top else 0.0,
                 max_abs_ratio=s.max_abs_ratio, max_abs_channel=top.channel if top else -1,
                 max_abs_position=f'({top.row}, {top.col})' if top else '', sun_massive=s.sun_massive,
                 high_norm_fraction=s.high_norm_tokens / s.tokens if s.tokens else 0.0))

@@ -73,6 +73,15 @@ def test_every_tab_renders(chelsea):
     at.session_state['explore_tab'] = 'Dead channels'
     at.run()
     assert 'Download CSV' in [b.label for b in at.get('download_button')]
+    at.session_state['explore_tab'] = 'Compare'
+    at.run()
+    assert 'Download all panels' in [b.label for b in at.get('download_button')]
+    at.session_state['explore_tab'] = 'Norms & massive'
+    at.run()
+    criteria = at.multiselect(key='nm_criteria')
+    assert len(criteria.value) == 2 and criteria.value[0].startswith('Sun et al.')
+    criteria.set_value(criteria.value[1:]).run()
+    assert not at.exception
 
 
 def test_feature_map_views_and_layer_steps():
@@ -117,6 +126,7 @@ def test_procedures_tab_puts_both_procedures_side_by_side():
     assert at.selectbox(key='pr_layer').value == 'conv9'  # resnet18's middle layer, in both procedures
     captions = [c.value for c in at.caption if 'channels: dead' in c.value]
     assert len(captions) == 2
+    assert 'Download both panels' in [b.label for b in at.get('download_button')]
 
 
 def test_attention_tab_class_token_picked_token_rollout_and_t2t_layers():

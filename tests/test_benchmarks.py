@@ -9,13 +9,19 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+CHROMIUM = '/usr/bin/chromium'
+needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason='Debian chromium is not installed')
 
 
 def _run_benchmark(module: str, *args: str) -> str:
     result = subprocess.run(
         [sys.executable, '-m', f'benchmarks.{module}', *args], cwd=ROOT, capture_output=True, text=True,
-        env={**os.environ, 'T2T_VIZ_OFFLINE': '1'}, timeout=300)
+        env={**os.environ, 'T2T_VIZ_OFFLINE': '1'}, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 
@@ -42,6 +48,41 @@ def test_capture_overhead_and_stats_throughput():
     assert 'freed memory reused' in out
     assert re.search(r'^resnet18\s+[\d.]+\s+[\d.]+\s+-?[\d.]+%\s+21$', out, re.M), out
     assert re.search(r'stats CLI: 1 images x 1 models in [\d.]+s', out), out
+
+
+def test_memory_estimate_against_measured_rss():
+    out = _run_benchmark('memory_estimate', '--models', 'resnet18', '--sizes', '224', '--modes', 'app', 'stats')
+    rows = re.findall(r'^resnet18\s+224\s+(app|stats)\s+[\d.]+G\s+[\d.]+G\s+[\d.]+G\s+([\d.]+)G\s+([\d.]+)G\s+'
+                      r'-?[\d.]+%\s+[\d.]+$', out, re.M)
+    assert [r[0] for r in rows] == ['app', 'stats'], out
+    assert all(float(estimate) > 0 and float(measured) > 0 for _, estimate, measured in rows)
+
+
+@needs_chromium
+def test_cold_start(tmp_path):
+    out = _run_benchmark('cold_start', '--models', 'resnet18', 't2t_vit_7', '--checkpoints', str(tmp_path))
+    assert (tmp_path / '71.7_T2T_ViT_7.pth.tar').exists() and (tmp_path / 'resnet18.safetensors').exists()
+    assert re.search(r'^t2t_vit_7\s+[\d.]+\s+[\d.]+\s+[\d.]+x\s+[\d.]+$', out, re.M), out
+    assert re.search(r'later start, server start to the first grids in the browser: [\d.]+ s = [\d.]+x', out), out
+
+
+@needs_chromium
+def test_interaction_latency():
+    out = _run_benchmark('interaction_latency', '--models', 'resnet18', 't2t_vit_7', '--steps', '1')
+    assert re.search(r'^resnet18\s+[\d.]+\s+[\d.]+$', out, re.M) and re.search(r'^t2t_vit_7\s', out, re.M), out
+
+
+@needs_chromium
+def test_upload_memory():
+    out = _run_benchmark('upload_memory', '--uploads', '3', '--size', '384', '--models', 'resnet18')
+    assert len(re.findall(r'^\s+\d+\s+\d\d_\w+\.png\s+[\d.]+\s+[\d.]+', out, re.M)) == 3, out
+    assert 'growth after the third upload' in out
+
+
+@needs_chromium
+def test_dataset_throughput():
+    out = _run_benchmark('dataset_throughput', '--images', '3', '--models', 'resnet18')
+    assert re.search(r'app dataset mode: [\d.]+ images/s = [\d.]+x the CLI', out), out
 
 
 def test_app_latency():

@@ -40,7 +40,8 @@ def test_paper_vit_names_resolve_to_the_original_release_files():
 def _random_state_dict(name: str) -> OrderedDict:
     """Random tensors with the names and shapes of the model's state dict, made without building it."""
     torch.manual_seed(0)
-    return OrderedDict((k, torch.randn(v.shape) * 0.02 if v.is_floating_point() else torch.zeros(v.shape, dtype=v.dtype))
+    return OrderedDict((k, torch.randn(v.shape) * 0.02 if v.is_floating_point()
+                        else torch.zeros(v.shape, dtype=v.dtype))
                        for k, v in zoo.build_on_meta(name).state_dict().items())
 
 

@@ -133,6 +133,13 @@ def _backbone(loaded: zoo.LoadedModel, x: torch.Tensor, seen: Image.Image, base_
                        lambda: attention.attention_maps(loaded.model, x, [block - 1], query)[block - 1])
     _show_maps(maps, seen, f'block {block}, from the {label}', f'attention_block{block}')
     if st.checkbox(f'Attention rollout through blocks 1 to {block}', key='at_rollout'):
+        tokens = grid[0] * grid[1] + getattr(loaded.model, 'num_prefix_tokens', 1)
+        kept_inputs = block * tokens * loaded.model.embed_dim * 4  # rollout keeps every block's input (float32)
+        try:
+            memory.check_fits(kept_inputs + attention.CHUNK_BYTES, f'rollout through {block} blocks')
+        except memory.InsufficientMemory as e:
+            st.error(str(e))
+            return
         with st.spinner('rollout...'):
             rollout = _cached(base_key + ('rollout', block, query),
                               lambda: attention.attention_rollout(loaded.model, x, 0, block - 1, query))

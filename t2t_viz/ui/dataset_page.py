@@ -18,14 +18,14 @@ from ..capture import REAL_FORWARD
 from ..dataset import Failure, NamedImage, StatsRun, count_inputs, depth_bands, expand_uploads, fitting_batch
 from ..images import ImageError
 from ..procedures import PAPER_NOTEBOOK
-from ..render import colorize, normalize_channels, upscale
+from ..render import colorize, normalize_channels, png_bytes, upscale
 from .explore import PLOT_CONFIG
 from .resources import load_model, model_result
 from .sidebar import SAMPLES, Settings
 
 __all__ = ['page', 'DatasetJob', 'DATASET_SIZES']
 
-DATASET_SIZES = (224, 384, 448, 512, 768, 1024)
+DATASET_SIZES = (224, 384, 448, 512, 768, 1024, 1536, 2048)
 EXAMPLES = 4  # images kept (as thumbnails' sources) to show a chosen channel on
 PROCEDURE_CHOICES = {'real forward pass': (REAL_FORWARD,), "as the paper's notebooks": (PAPER_NOTEBOOK,),
                      'both': (REAL_FORWARD, PAPER_NOTEBOOK)}
@@ -143,8 +143,10 @@ def _heatmap(job: DatasetJob, model: str, procedure: str) -> Tuple[go.Figure, Li
     labels = [f'{counts.label} ({name})' for name, counts in layers]
     figure = go.Figure(go.Heatmap(z=z, y=labels, colorscale='Reds', zmin=0, zmax=1,
                                   colorbar=dict(title='dead in'),
-                                  hovertemplate='layer %{y}<br>channel %{x}<br>dead in %{z:.0%} of images<extra></extra>'))
-    figure.update_layout(title=f'{model}: fraction of images in which each channel is dead', height=max(400, 14 * len(labels)),
+                                  hovertemplate='layer %{y}<br>channel %{x}<br>'
+                                                'dead in %{z:.0%} of images<extra></extra>'))
+    figure.update_layout(title=f'{model}: fraction of images in which each channel is dead',
+                         height=max(400, 14 * len(labels)),
                          xaxis_title='channel', yaxis=dict(autorange='reversed'))
     return figure, [(name, counts.label) for name, counts in layers]
 
@@ -152,6 +154,7 @@ def _heatmap(job: DatasetJob, model: str, procedure: str) -> Tuple[go.Figure, Li
 def _channel_examples(job: DatasetJob, settings: Settings, model: str, procedure: str, layer_label: str,
                       channel: int) -> None:
     columns = st.columns(max(1, len(job.examples)))
+    pictures = []
     for column, example in zip(columns, job.examples):
         try:
             result = model_result(example.image, f'dataset:{example.name}', model, job.img_size, settings.device,
@@ -162,7 +165,14 @@ def _channel_examples(job: DatasetJob, settings: Settings, model: str, procedure
         layer, summary = result.capture.layers[0], result.summaries[0]
         unit = normalize_channels(layer.fmap[channel:channel + 1])[0]
         state = 'dead' if channel in summary.dead_ids else 'alive'
-        column.image(upscale(colorize(unit), 160), caption=f'{example.name}: channel {channel} ({state})')
+        pictures.append(upscale(colorize(unit), 160))
+        column.image(pictures[-1], caption=f'{example.name}: channel {channel} ({state})')
+    if pictures:
+        height = max(p.shape[0] for p in pictures)
+        strip = np.concatenate([np.pad(p, ((0, height - p.shape[0]), (0, 8), (0, 0)), constant_values=255)
+                                for p in pictures], axis=1)
+        st.download_button('Download these maps', data=lambda: png_bytes(strip), file_name=f'{model}_{layer_label}_'
+                           f'channel{channel}.png', mime='image/png', key='ds_examples_png', on_click='ignore')
 
 
 def _results(job: DatasetJob, settings: Settings) -> None:

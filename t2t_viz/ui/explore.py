@@ -13,6 +13,7 @@ from PIL import Image
 
 from .. import memory, zoo
 from ..capture import REAL_FORWARD, Layer
+from ..figure import Panel, compose
 from ..images import ImageError
 from ..pipeline import ModelResult
 from ..procedures import PAPER_NOTEBOOK, describe
@@ -127,7 +128,8 @@ def _feature_maps_tab(results: Dict[str, ModelResult]) -> None:
     steps[1].button('layer ▶', key='fm_next', on_click=_step_layer, args=(labels, 1))
     index = labels.index(choice)
     layer, summary = result.capture.layers[index], result.summaries[index]
-    st.caption(f'{layer.name}: {layer.channels} channels on a {layer.height}x{layer.width} grid — {summary.dead} dead '
+    st.caption(f'{layer.name}: {layer.channels} channels on a {layer.height}x{layer.width} grid — '
+               f'{summary.dead} dead '
                f'(red), {summary.massive} massive (orange), {summary.flat} flat (blue); {summary.high_norm_tokens} '
                f'high-norm tokens; {_ratio(summary)}.' + _pooled_note(layer))
     if view == 'channels':
@@ -174,7 +176,8 @@ def _channel_detail(layer: Layer, summary: LayerSummary) -> None:
     values = layer.fmap[channel].float()
     flag = 'dead' if channel in summary.dead_ids else 'massive' if channel in summary.massive_ids else \
         'flat' if channel in summary.flat_ids else ''
-    st.caption(f'channel {channel}{" (" + flag + ")" if flag else ""}: min {float(summary.stats.minimum[channel]):.4g}, '
+    st.caption(f'channel {channel}{" (" + flag + ")" if flag else ""}: '
+               f'min {float(summary.stats.minimum[channel]):.4g}, '
                f'max {float(summary.stats.maximum[channel]):.4g}, mean {float(summary.stats.mean[channel]):.4g}')
     left, right = st.columns(2)
     left.image(upscale(colorize(normalize_channels(values[None])[0]), 256), caption=f'channel {channel}')
@@ -196,10 +199,12 @@ def _compare_tab(results: Dict[str, ModelResult]) -> None:
     # the paper's Figure 2 (nearest-neighbour upscaling keeps the token grid visible)
     grid_columns = math.ceil(math.sqrt(count))
     columns = st.columns(len(results))
+    panels = []
     for column, (name, result) in zip(columns, results.items()):
         labels = [layer.label for layer in result.capture.layers]
         first, second = compare_depths(result)
         column.subheader(name)
+        panels.append([])
         for default, slot in ((first, 'a'), (second, 'b')):
             label = column.selectbox('Layer', labels, index=labels.index(default), key=f'cmp_{name}_{slot}')
             layer = result.capture.layer(label)
@@ -207,6 +212,10 @@ def _compare_tab(results: Dict[str, ModelResult]) -> None:
             channels = list(range(min(count, layer.channels)))
             column.image(_layer_picture(layer, summary, view, channels, columns=grid_columns, cell=COMPARE_CELL),
                          caption=f'{label}: dead {summary.fraction(summary.dead):.1%} of {layer.channels}')
+            panels[-1].append(Panel(name, layer, summary, result.procedure, result.weights.label))
+    mode = 'pca' if view == 'PCA colours' else 'grid'
+    _download_png('Download all panels', lambda: compose(panels, channels=count, cell=COMPARE_CELL, mode=mode,
+                                                         cmap='viridis'), 'compare.png', 'cmp_png')
 
 
 def _procedures_tab(results: Dict[str, ModelResult], settings: Settings, img_size: int) -> None:
@@ -224,19 +233,24 @@ def _procedures_tab(results: Dict[str, ModelResult], settings: Settings, img_siz
                          key='pr_layer')
     count = st.slider('Channels shown', 4, 64, 36, key='pr_count')
     columns = st.columns(2)
+    panels = []
     for column, result in zip(columns, (real, notebook)):
         layer = result.capture.layer(label)
         summary = result.summaries[result.capture.layers.index(layer)]
+        panels.append(Panel(f'{name} ({result.procedure})', layer, summary, result.procedure, result.weights.label))
         column.markdown(f'**{describe(result.procedure).split(":")[0]}** — `{layer.name}`')
         column.image(channel_grid(layer.fmap, summary, list(range(min(count, layer.channels))),
                                   columns=math.ceil(math.sqrt(count)), cell=COMPARE_CELL, cmap='gray'))
         column.caption(f'{layer.height}x{layer.width}, {layer.channels} channels: dead {summary.dead} '
                        f'({summary.fraction(summary.dead):.1%}), flat {summary.flat}, massive {summary.massive}'
                        + _pooled_note(layer))
+    _download_png('Download both panels', lambda: compose([panels], channels=count, cell=COMPARE_CELL, cmap='gray'),
+                  f'{name}_{label}_procedures.png', 'pr_png')
     rows = []
     for result in (real, notebook):
         rows += [dict(procedure=result.procedure, layer=s.label, module=s.name, dead=s.dead, flat=s.flat,
-                      massive=s.massive, dead_fraction=s.fraction(s.dead)) for s in result.summaries if s.label in shared]
+                      massive=s.massive, dead_fraction=s.fraction(s.dead))
+                 for s in result.summaries if s.label in shared]
     table = pd.DataFrame(rows)
     st.plotly_chart(px.line(table, x='layer', y='dead_fraction', color='procedure', markers=True,
                             title=f'{name}: dead channel fraction, real forward vs the notebooks'),
@@ -287,22 +301,29 @@ def _norms_tab(results: Dict[str, ModelResult]) -> None:
     curves = pd.DataFrame(depth_curves(results))
     if curves.empty:
         return
-    sun = st.checkbox("Mark Sun et al.'s massive activations (|x| > 100 and > 1000x the median |x|)", value=True,
-                      key='nm_sun')
+    criteria = {
+        "Sun et al. (|x| > 100 and > 1000x the median |x|)": curves.sun_massive > 0,
+        'ours (a channel whose max |x| is over the massive factor x the median channel max)': curves.massive_count > 0,
+    }
+    marked_by = st.multiselect('Mark layers with massive activations by', list(criteria), default=list(criteria),
+                               key='nm_criteria')
     figure = px.line(curves, x='relative_depth', y='max_abs_ratio', color='model', markers=True, log_y=True,
-                     hover_data=['label', 'max_abs', 'max_abs_channel', 'max_abs_position', 'sun_massive'],
+                     hover_data=['label', 'max_abs', 'max_abs_channel', 'max_abs_position', 'sun_massive',
+                                 'massive_count'],
                      title='largest |activation| / median |activation| per layer')
-    if sun:
-        marked = curves[curves.sun_massive > 0]
-        figure.add_scatter(x=marked.relative_depth, y=marked.max_abs_ratio, mode='markers', name='Sun et al. massive',
-                           marker=dict(symbol='x', size=12, color='red'))
+    for (criterion, mask), symbol in zip(criteria.items(), ('x', 'circle-open')):
+        if criterion in marked_by:
+            marked = curves[mask]
+            figure.add_scatter(x=marked.relative_depth, y=marked.max_abs_ratio, mode='markers',
+                               name=criterion.split(' (')[0], marker=dict(symbol=symbol, size=13, color='red'))
+    if any(c.startswith('Sun') for c in marked_by):
         figure.add_hline(y=1000, line_dash='dot', annotation_text='1000x median')
     st.plotly_chart(figure, key='nm_ratio', config=PLOT_CONFIG)
     st.plotly_chart(px.line(curves, x='relative_depth', y='high_norm_fraction', color='model', markers=True,
                             hover_data=['label'], title='fraction of high-norm tokens per layer'),
                     key='nm_high_norm', config=PLOT_CONFIG)
     st.dataframe(curves[['model', 'label', 'layer', 'max_abs', 'max_abs_ratio', 'max_abs_channel', 'max_abs_position',
-                         'sun_massive', 'high_norm_fraction']], hide_index=True)
+                         'sun_massive', 'massive_count', 'high_norm_fraction']], hide_index=True)
 
 
 def _dead_tab(results: Dict[str, ModelResult]) -> None:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 import streamlit as st
+import timm
 from PIL import Image
 from skimage import data as samples
 
@@ -90,16 +91,11 @@ def _missing(models: List[str]) -> List[tuple]:
     """(name, RemoteFile) of the chosen models whose trained weights are not on this machine."""
     missing = []
     for name in models:
-        if timm_known(name) and not zoo.weights_status(name).trained:
+        if timm.is_model(zoo.split_name(name)[0]) and not zoo.weights_status(name).trained:
             remote = zoo.remote_weights(name)
             if remote is not None:
                 missing.append((name, remote))
     return missing
-
-
-def timm_known(name: str) -> bool:
-    import timm
-    return timm.is_model(zoo.split_name(name)[0])
 
 
 def weights_panel(models: List[str]) -> None:
@@ -154,7 +150,3 @@ def _download_progress(missing: List[tuple], folder, running: bool) -> None:
             st.rerun(scope='app')
 
     st.fragment(show, run_every=1.0 if running else None)()
-
-
-def current_image() -> Optional[Image.Image]:
-    return st.session_state.get('image')
