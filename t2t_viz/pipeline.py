@@ -1,9 +1,10 @@
 """Image in, everything the app and CLI show out: layers, flags, T2T stages and top-5 classes."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Collection, List, Optional, Tuple
+from typing import Callable, Collection, Dict, List, Optional, Tuple
 
 import torch
 from PIL import Image
@@ -95,9 +96,28 @@ def memory_estimate(name: str, img_size: int, batch: int = 1, procedure: str = c
     """
     key = '|'.join(map(str, (name, img_size, batch, procedure, mlp_hidden, dtype, max_side, keep_maps, layers,
                              stop_early)))
-    saved = _saved_estimates().get(key)
-    if saved is not None:
-        return saved
+    with _estimate_lock(key):  # a page and the preloading thread asking at once: traced once
+        saved = _saved_estimates().get(key)
+        if saved is not None:
+            return saved
+        estimate = _trace_estimate(name, img_size, batch, procedure, mlp_hidden, dtype, max_side, keep_maps, layers,
+                                   stop_early)
+        _saved_estimates().put(key, estimate)
+        return estimate
+
+
+_estimate_locks: Dict[str, threading.Lock] = {}
+_estimate_locks_guard = threading.Lock()
+
+
+def _estimate_lock(key: str) -> threading.Lock:
+    with _estimate_locks_guard:
+        return _estimate_locks.setdefault(key, threading.Lock())
+
+
+def _trace_estimate(name: str, img_size: int, batch: int, procedure: str, mlp_hidden: bool, dtype: torch.dtype,
+                    max_side: Optional[int], keep_maps: bool, layers: Optional[Tuple[str, ...]],
+                    stop_early: bool) -> memory.MemoryEstimate:
     model = zoo.build_on_meta(name, img_size)
     reduce = memory.ReplayedByShape(layer_stats)  # the statistics of maps of one shape allocate alike
 
@@ -106,9 +126,7 @@ def memory_estimate(name: str, img_size: int, batch: int = 1, procedure: str = c
                         keep_maps=keep_maps, layers=layers, reduce=reduce, stop_early=stop_early)
 
     peak, kept = memory.measure_run(run, (batch, 3, img_size, img_size))
-    estimate = memory.MemoryEstimate(memory.module_bytes(model), peak, kept)
-    _saved_estimates().put(key, estimate)
-    return estimate
+    return memory.MemoryEstimate(memory.module_bytes(model), peak, kept)
 
 
 @lru_cache(maxsize=1)

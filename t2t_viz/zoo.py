@@ -7,7 +7,8 @@ Resolution order for every model, reported as a :class:`WeightsInfo`:
     3. random initialisation, marked ``random`` wherever it shows. Never presented as trained.
 
 A model whose weights come from a file is built on the meta device and the file's tensors are assigned
-to it, so no time goes into a random initialisation that the weights would overwrite. Before anything is
+to it (mapped from zip-format files, not copied), so no time goes into a random initialisation that the
+weights would overwrite. Before anything is
 built, the model's size is counted on the meta device and a model that would not fit is refused.
 """
 from __future__ import annotations
@@ -245,7 +246,7 @@ def _plain_state_dict(checkpoint: dict) -> dict:
 
 def _assign_file(model: nn.Module, path: str) -> nn.Module:
     """Load ``path`` into a meta-device ``model`` by assignment; refuses a file that leaves anything unset."""
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, mmap=True)  # assigned as they are: no copy into the heap
     filter_fn = _module_filter(model)
     state_dict = filter_fn(checkpoint, model) if filter_fn else _plain_state_dict(checkpoint)
     expected = model.state_dict()

@@ -2,6 +2,7 @@
 import dataclasses
 import functools
 import http.server
+import os
 import threading
 from collections import OrderedDict
 
@@ -81,6 +82,21 @@ def test_loading_by_assignment_gives_the_logits_of_the_ordinary_path(tmp_path, n
     x = torch.randn(2, 3, 224, 224)
     with torch.inference_mode():
         torch.testing.assert_close(loaded.model(x), _ordinary(name, path)(x), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/maps'), reason='needs Linux /proc')
+@pytest.mark.parametrize('zip_format', [True, False])
+def test_weights_are_mapped_from_the_file_not_copied(tmp_path, zip_format):
+    """Zip-format files are mapped (no copy in the heap); legacy-format ones, which cannot be, are read."""
+    torch.manual_seed(2)
+    source = timm.create_model('resnet18').eval()
+    path = tmp_path / 'resnet18.pth'
+    torch.save(source.state_dict(), path, _use_new_zipfile_serialization=zip_format)
+    loaded = zoo.load('resnet18', device='cpu', checkpoint_dir=tmp_path)
+    with open('/proc/self/maps') as maps:
+        assert (str(path) in maps.read()) == zip_format
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[key], value, rtol=0, atol=0)
 
 
 def test_half_precision_file_gives_a_float32_model(tmp_path):

@@ -33,11 +33,14 @@ def _numpy_safe_globals() -> list:
 SAFE_GLOBALS = [argparse.Namespace, *_numpy_safe_globals()]
 
 
-def read_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> Dict[str, Any]:
     """Read a ``.pth``/``.pth.tar``/``.bin`` pickle or a ``.safetensors`` file without executing code.
 
     Returns the top-level object (a state dict or a training checkpoint dict). Raises CheckpointError
-    with the file name and the reason for a missing, corrupt or unsafe file.
+    with the file name and the reason for a missing, corrupt or unsafe file. ``mmap``: the tensors of a
+    zip-format pickle are mapped from the file (copy-on-write), not read into memory; their pages are read
+    when first used and can be dropped again under memory pressure. Files in the legacy (pre-1.6) format,
+    which cannot be mapped, are read.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -51,7 +54,8 @@ def read_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
             raise CheckpointError(f'{path}: not a readable safetensors file ({e})') from e
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True,
+                                    mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         reason = str(e)
         if 'Weights only load failed' in reason or 'Unsupported global' in reason:
