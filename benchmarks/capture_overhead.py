@@ -23,7 +23,6 @@ import torch
 from PIL import Image
 from skimage import data
 
-import t2t_viz  # noqa: F401  (registers T2T-ViT)
 from t2t_viz import capture, zoo
 from t2t_viz.allocator import reuse_freed_memory
 from t2t_viz.zoo import DEFAULT_MODELS

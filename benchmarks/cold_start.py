@@ -12,9 +12,9 @@ Goals: total <= 1.5x the floor; each load <= 1.5x the time to read its file. The
 the first start also traces the models' memory estimates (kept on disk for later starts), the second
 is what every later start costs.
 
-Weight files in the release layouts are written once with random values (``--checkpoints``, default a
-folder under the system's temporary directory) when the real ones are not there: time does not depend
-on the values.
+Weight files in the release layouts are written once with the models' random initialisation
+(``--checkpoints``, default a folder under the system's temporary directory) when the real ones are not
+there: time does not depend on the values. Other benchmarks use this folder through T2T_VIZ_CHECKPOINTS.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import timm
 import torch
 
 from t2t_viz import zoo
@@ -40,9 +41,7 @@ def _release_file(name: str, folder: Path) -> Path:
     path = folder / remote.filename
     if path.exists():
         return path
-    model = zoo.build_on_meta(name)
-    state = {k: torch.randn(v.shape) * 0.02 if v.is_floating_point() else torch.zeros(v.shape, dtype=v.dtype)
-             for k, v in model.state_dict().items()}
+    state = timm.create_model(name).state_dict()  # the model's own random initialisation: finite, varied maps
     if path.suffix == '.safetensors':
         from safetensors.torch import save_file
         save_file(state, str(path))

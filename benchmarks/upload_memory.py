@@ -22,8 +22,8 @@ from t2t_viz.zoo import PRESETS
 
 from .browser import app_server, choose, chromium_page, rss_bytes
 
-_PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'cat', 'coins', 'camera', 'immunohistochemistry',
-           'hubble_deep_field', 'retina', 'colorwheel', 'motorcycle_left')
+_PHOTOS = ('astronaut', 'coffee', 'rocket', 'immunohistochemistry', 'hubble_deep_field', 'retina', 'colorwheel',
+           'moon', 'coins', 'camera', 'brick', 'grass')  # not chelsea (= cat), the sample the app opens on
 
 
 def _photos(count: int, folder: Path):

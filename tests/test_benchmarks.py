@@ -72,6 +72,14 @@ def test_interaction_latency():
     assert re.search(r'^resnet18\s+[\d.]+\s+[\d.]+$', out, re.M) and re.search(r'^t2t_vit_7\s', out, re.M), out
 
 
+def test_upload_memory_has_twelve_different_photographs(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.upload_memory import _photos
+
+    paths = _photos(12, tmp_path)
+    assert len({p.read_bytes() for p in paths}) == 12
+
+
 @needs_chromium
 def test_upload_memory():
     out = _run_benchmark('upload_memory', '--uploads', '3', '--size', '384', '--models', 'resnet18')
