@@ -19,3 +19,23 @@ def chelsea():
     from PIL import Image
     from skimage import data
     return Image.fromarray(data.chelsea())
+
+
+def _cloned_outputs(model: torch.nn.Module, x: torch.Tensor, names) -> dict:
+    """Reference outputs: each named module's output cloned the moment it is produced, in one pass of ``x``."""
+    outputs, modules = {}, dict(model.named_modules())
+    handles = [modules[name].register_forward_hook(
+        lambda module, inputs, output, name=name: outputs.__setitem__(name, output.detach().clone()))
+        for name in names]
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+@pytest.fixture(scope='session')
+def cloned_outputs():
+    return _cloned_outputs

@@ -33,19 +33,11 @@ def no_hooks(model: nn.Module) -> bool:
     return all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
 
-def reference_matrices(model: nn.Module, x: torch.Tensor) -> dict:
+def reference_matrices(cloned_outputs, model: nn.Module, x: torch.Tensor) -> dict:
     """Every block's full softmax matrix (B, H, T, T), from timm's unfused path (through ``attn_drop``)."""
-    matrices = {}
-    handles = [block.attn.attn_drop.register_forward_hook(
-        lambda module, args, out, i=i: matrices.__setitem__(i, out.detach().clone()))
-        for i, block in enumerate(model.blocks)]
-    try:
-        with torch.inference_mode():
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return matrices
+    names = [f'blocks.{i}.attn.attn_drop' for i in range(len(model.blocks))]
+    outputs = cloned_outputs(model, x, names)
+    return {i: outputs[name] for i, name in enumerate(names)}
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -70,8 +62,8 @@ def images():
 
 
 @pytest.fixture(scope='module')
-def vit_reference(vit, images):
-    return reference_matrices(vit, images)
+def vit_reference(vit, images, cloned_outputs):
+    return reference_matrices(cloned_outputs, vit, images)
 
 
 @pytest.fixture(scope='module')
@@ -124,7 +116,7 @@ def test_vit_received_attention(vit, images, vit_reference):
     torch.testing.assert_close(received.prefix, reference[:, :, :1], **TOLERANCE)
 
 
-def test_qk_norm_and_low_precision_tokens(images):
+def test_qk_norm_and_low_precision_tokens(images, cloned_outputs):
     torch.manual_seed(0)
     model = unfused(sharpen(timm.create_model('vit_tiny_patch16_224', qk_norm=True).eval()))
     for block in model.blocks:
@@ -132,7 +124,7 @@ def test_qk_norm_and_low_precision_tokens(images):
             nn.init.normal_(norm.weight, 1.0, 0.5)
             nn.init.normal_(norm.bias, 0.0, 0.5)
     x = images[:1]
-    reference = reference_matrices(model, x)
+    reference = reference_matrices(cloned_outputs, model, x)
     tokens = block_inputs(model, x, [6])[6]
     rows = attention_rows(model.blocks[6], tokens, [0, 100])
     torch.testing.assert_close(rows, reference[6][:, :, [0, 100]], **TOLERANCE)
@@ -312,7 +304,7 @@ def test_t2t_early_stop_at_restructurization_layer(t2t7):
 
 
 @pytest.mark.parametrize('name', ['t2t_vit_7', 'vit_tiny'])
-def test_non_square_maps_match_reference(name, t2t7):
+def test_non_square_maps_match_reference(name, t2t7, cloned_outputs):
     torch.manual_seed(0)
     if name == 't2t_vit_7':
         model, x, grid = t2t7, torch.randn(2, 3, 224, 160), (14, 10)
@@ -320,7 +312,7 @@ def test_non_square_maps_match_reference(name, t2t7):
         model = unfused(sharpen(timm.create_model('vit_tiny_patch16_224', dynamic_img_size=True).eval()))
         x, grid = torch.randn(2, 3, 64, 96), (4, 6)
     assert token_grid(model, *x.shape[-2:]) == grid
-    reference = reference_matrices(model, x)
+    reference = reference_matrices(cloned_outputs, model, x)
     heads = model.blocks[1].attn.num_heads
 
     maps = attention_maps(model, x, [1])[1]

@@ -122,33 +122,18 @@ def test_block_maps_match_forward_intermediates():
     torch.testing.assert_close(blocks[5].fmap, inter[5][0])
 
 
-def _cloned_outputs(model, x, names):
-    """Reference maps: each module's output cloned the moment it is produced."""
-    outputs, modules = {}, dict(model.named_modules())
-    handles = [modules[name].register_forward_hook(
-        lambda module, inputs, output, name=name: outputs.__setitem__(name, output.detach().clone()))
-        for name in names]
-    try:
-        with torch.inference_mode():
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return outputs
-
-
 @pytest.mark.parametrize('name', ['resnet18', 'resnet26'])  # BasicBlock, Bottleneck
-def test_resnet_maps_kept_without_copy_equal_fresh_clones(name):
+def test_resnet_maps_kept_without_copy_equal_fresh_clones(name, cloned_outputs):
     torch.manual_seed(0)
     model = timm.create_model(name).eval()
     x = torch.randn(1, 3, 160, 160)
     layers = capture.run(model, x)[0].layers
-    expected = _cloned_outputs(model, x, [layer.name for layer in layers])
+    expected = cloned_outputs(model, x, [layer.name for layer in layers])
     for layer in layers:
         torch.testing.assert_close(layer.fmap, expected[layer.name][0], rtol=0, atol=0, msg=layer.name)
 
 
-def test_resnet_with_unknown_blocks_is_copied_before_later_in_place_writes():
+def test_resnet_with_unknown_blocks_is_copied_before_later_in_place_writes(cloned_outputs):
     from timm.models.resnet import BasicBlock
 
     class DoublingBlock(BasicBlock):
@@ -159,7 +144,7 @@ def test_resnet_with_unknown_blocks_is_copied_before_later_in_place_writes():
     model = timm.create_model('resnet18', block=DoublingBlock).eval()
     x = torch.randn(1, 3, 128, 128)
     layers = capture.run(model, x)[0].layers
-    expected = _cloned_outputs(model, x, [layer.name for layer in layers])
+    expected = cloned_outputs(model, x, [layer.name for layer in layers])
     act = next(layer for layer in layers if layer.name == 'layer1.0.act2')
     torch.testing.assert_close(act.fmap, expected['layer1.0.act2'][0], rtol=0, atol=0)
 
