@@ -29,6 +29,7 @@ registered and removed under the lock that ``capture`` uses for the same modules
 """
 from __future__ import annotations
 
+import abc
 import contextvars
 import functools
 from dataclasses import dataclass
@@ -203,15 +204,15 @@ def _split_linear(linear: nn.Linear, width: int) -> List[Tuple[torch.Tensor, Opt
     return list(zip(weights, biases))
 
 
-class _RowSource:
+class _RowSource(abc.ABC):
     """One layer's attention matrix for one batch of tokens, row by row; keys are computed once."""
     num_heads: int
     num_tokens: int
     batch_size: int
 
+    @abc.abstractmethod
     def rows(self, queries: torch.Tensor) -> torch.Tensor:
         """Attention rows of the query tokens ``queries`` (Q,): (B, heads, Q, T), float32."""
-        raise NotImplementedError
 
     def chunk_rows(self, chunk_size: Optional[int]) -> int:
         if chunk_size is not None:

@@ -84,7 +84,6 @@ def layer_labels(loaded: LoadedModel, procedure: str = capture.REAL_FORWARD) -> 
     return [p.label for p in points]
 
 
-@lru_cache(maxsize=256)
 def memory_estimate(name: str, img_size: int, batch: int = 1, procedure: str = capture.REAL_FORWARD,
                     mlp_hidden: bool = False, dtype: torch.dtype = torch.float32, max_side: Optional[int] = None,
                     keep_maps: bool = True, layers: Optional[Tuple[str, ...]] = None,
@@ -92,7 +91,7 @@ def memory_estimate(name: str, img_size: int, batch: int = 1, procedure: str = c
     """What :func:`inspect_images` with these options needs for ``batch`` images of ``img_size``.
 
     The same capture code runs shape-only on a meta-device copy of the model (see :mod:`t2t_viz.memory`);
-    results are kept on disk for later processes, keyed by the code that made them.
+    results are kept (in memory, and on disk for later processes) keyed by the code that made them.
     """
     key = '|'.join(map(str, (name, img_size, batch, procedure, mlp_hidden, dtype, max_side, keep_maps, layers,
                              stop_early)))

@@ -36,7 +36,7 @@ from .models import CheckpointError, read_checkpoint
 __all__ = [
     'DEFAULT_MODELS', 'PRESETS', 'DEFAULT_PRESET', 'PRETRAINED_TAGS', 'WeightsInfo', 'LoadedModel',
     'WeightsError', 'load', 'resolve_device', 'weights_status', 'checkpoint_candidates', 'checkpoint_folder',
-    'download', 'remote_weights', 'weights_bytes', 'build_on_meta', 'check_input_size', 'check_name', 'split_name',
+    'download', 'remote_weights', 'build_on_meta', 'check_input_size', 'check_name', 'split_name',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -225,11 +225,6 @@ def build_on_meta(name: str, img_size: Optional[int] = None) -> nn.Module:
         return _create(arch, tag, False, size).eval()
 
 
-def weights_bytes(name: str) -> int:
-    """Bytes of the parameters and buffers of ``name``, counted without allocating them."""
-    return memory.module_bytes(build_on_meta(name))
-
-
 def _module_filter(model: nn.Module) -> Optional[Callable]:
     """The checkpoint filter of the model's timm module (timm's convention: ``checkpoint_filter_fn``)."""
     return getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
@@ -268,18 +263,14 @@ class _NotAssignable(Exception):
     """The meta-device load cannot give this model all its tensors; it is built the ordinary way."""
 
 
-def _create_from_file(arch: str, tag: str, img_size: Optional[int], path: str,
-                      meta_model: Optional[nn.Module] = None) -> nn.Module:
+def _create_from_file(arch: str, tag: str, img_size: Optional[int], path: str, meta_model: nn.Module) -> nn.Module:
     """Build with the weights of a local file (checkpoint folder, --checkpoint or timm's cache); errors name it.
 
-    ``meta_model``, the same model already built on the meta device, is used (and consumed) when given.
+    ``meta_model`` is the same model built on the meta device; it is consumed.
     """
     try:
         if not path.endswith('.npz'):
             try:
-                if meta_model is None:
-                    with _on_meta():
-                        meta_model = _create(arch, tag, False, img_size)
                 return _assign_file(meta_model, path)
             except _NotAssignable as e:
                 _logger.info('%s: building %s the ordinary way (%s)', path, arch, e)

@@ -17,7 +17,7 @@ from .. import attention, memory, zoo
 from ..images import preprocess
 from ..models import T2TViT
 from ..pipeline import ModelResult
-from ..render import blend, channel_grid, colorize, png_bytes, upscale
+from ..render import blend, channel_grid, colorize, normalize_channels, png_bytes, upscale
 from ..views import denormalize
 from .resources import load_model, run_fits, store
 from .sidebar import Settings
@@ -38,9 +38,7 @@ def _token_model(loaded: zoo.LoadedModel) -> bool:
 
 def _picture(values: torch.Tensor, min_side: int = 320) -> np.ndarray:
     """(h, w) attention weights as an enlarged viridis picture, scaled to the map's own range."""
-    low, high = float(values.min()), float(values.max())
-    unit = ((values - low) / (high - low)).numpy() if high > low else np.zeros(tuple(values.shape))
-    return upscale(colorize(unit), min_side)
+    return upscale(colorize(normalize_channels(values[None])[0]), min_side)
 
 
 def _pick_token(seen: Image.Image, grid: Tuple[int, int], key: str) -> Tuple[int, int]:
