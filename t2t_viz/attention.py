@@ -24,13 +24,12 @@ vector products cost O(N).
 
 Everything is computed in float32 (whatever the tokens' dtype) on the tokens' device; maps and rows are
 returned on the CPU. Hooks follow :mod:`t2t_viz.capture`: a model is shared by many sessions, so each call
-publishes its recorder in a ContextVar and its hooks record only forward passes of that call; hooks are
-registered and removed under the lock that ``capture`` uses for the same modules, and always removed.
+gets its own inputs: the pass runs through :func:`t2t_viz.capture.hooked_pass`, whose hooks record only for
+the call that registered them and are always removed.
 """
 from __future__ import annotations
 
 import abc
-import contextvars
 import functools
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block as VitBlock
 
-from .capture import HOOK_REGISTRY_LOCK, model_device
+from .capture import StopForward, hook_owner, hooked_pass
 from .models.t2t_vit import T2TViT, TokenPerformer, TokenTransformer
 
 __all__ = [
@@ -54,9 +53,6 @@ Position = Tuple[int, int]  # (row, col) of a token on its grid
 
 _CHUNK_ELEMENTS = 1 << 25  # attention scores per chunk of query rows (128 MiB in float32)
 CHUNK_BYTES = _CHUNK_ELEMENTS * 4
-
-_active_call: contextvars.ContextVar[Optional['_InputRecorder']] = contextvars.ContextVar(
-    't2t_viz_attention_call', default=None)
 
 
 @dataclass
@@ -100,10 +96,6 @@ def query_index(grid: Tuple[int, int], query: Optional[Position], num_prefix_tok
     return num_prefix_tokens + row * grid[1] + col
 
 
-class _StopForward(Exception):
-    """Raised from a pre-hook once the last requested input is recorded."""
-
-
 class _InputRecorder:
     """The inputs that one call's pre-hooks record, keyed by what the caller asked for."""
 
@@ -113,33 +105,20 @@ class _InputRecorder:
 
 
 def _record_input(owner: _InputRecorder, key: int, module: nn.Module, args: tuple) -> None:
-    if _active_call.get() is not owner:
+    if hook_owner() is not owner:
         return  # a forward pass of another caller
     # copied: the pass goes on after this hook and could write into the tensor in place
     owner.inputs[key] = args[0].detach().clone()
     if key == owner.last:
-        raise _StopForward
+        raise StopForward
 
 
 def _capture_inputs(model: nn.Module, x: torch.Tensor, modules: Dict[int, nn.Module], last: int
                     ) -> Dict[int, torch.Tensor]:
     """Inputs of ``modules`` in one forward pass of ``x``, stopped once the input of ``modules[last]`` is in."""
     recorder = _InputRecorder(last)
-    handles = []
-    token = _active_call.set(recorder)
-    try:
-        with HOOK_REGISTRY_LOCK:
-            for key, module in modules.items():
-                handles.append(module.register_forward_pre_hook(functools.partial(_record_input, recorder, key)))
-        with torch.inference_mode():
-            model(x.to(model_device(model)))
-    except _StopForward:
-        pass
-    finally:
-        _active_call.reset(token)
-        with HOOK_REGISTRY_LOCK:
-            for handle in handles:
-                handle.remove()
+    hooked_pass(model, x, recorder, [(module, functools.partial(_record_input, recorder, key))
+                                     for key, module in modules.items()], pre=True)
     missing = sorted(set(modules) - set(recorder.inputs))
     if missing:
         raise RuntimeError(f'the forward pass never ran {missing}')

@@ -25,14 +25,13 @@ import torch.nn.functional as F
 from .models import T2TViT
 
 __all__ = ['Layer', 'Capture', 'Point', 'Recorder', 'run', 'layer_points', 'select_points', 't2t_module_points',
-           'pooled_size', 'model_device', 'FLOAT16_MAX', 'REAL_FORWARD', 'HOOK_REGISTRY_LOCK']
+           'pooled_size', 'model_device', 'hooked_pass', 'hook_owner', 'StopForward', 'FLOAT16_MAX', 'REAL_FORWARD']
 
 REAL_FORWARD = 'real_forward'
 FLOAT16_MAX = 65504.0  # kept float16 maps are clamped to this magnitude instead of overflowing to inf
 
-_active_recorder: contextvars.ContextVar[Optional['Recorder']] = contextvars.ContextVar(
-    't2t_viz_active_recorder', default=None)
-HOOK_REGISTRY_LOCK = threading.Lock()  # registering/removing hooks mutates the shared module's dicts
+_hook_owner: contextvars.ContextVar[Optional[object]] = contextvars.ContextVar('t2t_viz_hook_owner', default=None)
+_hook_registry_lock = threading.Lock()  # registering/removing hooks mutates the shared module's dicts
 
 
 @dataclass
@@ -103,8 +102,38 @@ def _host(tensor: torch.Tensor) -> str:
     return 'meta' if tensor.is_meta else 'cpu'
 
 
-class _StopForward(Exception):
-    """Raised from a hook once the last requested layer is recorded (``stop_early``)."""
+class StopForward(Exception):
+    """Raised from a hook of :func:`hooked_pass` once everything asked for is recorded: the pass ends there."""
+
+
+def hook_owner() -> Optional[object]:
+    """The owner of the :func:`hooked_pass` running in this context; a hook records only for its own owner."""
+    return _hook_owner.get()
+
+
+def hooked_pass(model: nn.Module, x: torch.Tensor, owner: object, hooks: Sequence[Tuple[nn.Module, Callable]],
+                pre: bool = False) -> Optional[torch.Tensor]:
+    """One inference pass of ``x`` with ``hooks`` (forward hooks, or pre-hooks when ``pre``) on ``model``'s modules.
+
+    ``owner`` is :func:`hook_owner` during the pass, so hooks can ignore passes of other callers through the
+    same shared modules. Hooks are registered and removed under one lock, and always removed. Returns the
+    model's output, or None when a hook raised :class:`StopForward`.
+    """
+    handles = []
+    token = _hook_owner.set(owner)
+    try:
+        with _hook_registry_lock:
+            for module, hook in hooks:
+                handles.append(module.register_forward_pre_hook(hook) if pre else module.register_forward_hook(hook))
+        with torch.inference_mode():
+            return model(x.to(model_device(model)))
+    except StopForward:
+        return None
+    finally:
+        _hook_owner.reset(token)
+        with _hook_registry_lock:
+            for handle in handles:
+                handle.remove()
 
 
 class Recorder:
@@ -129,7 +158,7 @@ class Recorder:
         if self.progress:
             self.progress(len(self.outputs), len(self.points))
         if point.module_name == self.stop_after:
-            raise _StopForward
+            raise StopForward
 
     def _keep(self, fmap: torch.Tensor, must_copy: bool) -> torch.Tensor:
         fmap = fmap.detach()
@@ -270,12 +299,11 @@ def select_points(points: List[Point], wanted: Optional[Collection[str]]) -> Lis
 
 
 def _hook(owner: Recorder, module_name: str, module: nn.Module, inputs, output) -> None:
-    recorder = _active_recorder.get()
-    if recorder is not owner:
+    if hook_owner() is not owner:
         return  # a hook of another capture, or a forward pass of another caller
-    point = recorder.points.get(module_name)
+    point = owner.points.get(module_name)
     if point is not None:
-        recorder.record(point, output)
+        owner.record(point, output)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -317,23 +345,8 @@ def run(
         raise ValueError(f'model has no modules {missing[:3]} to capture')
     recorder = Recorder(points, dtype, max_side, keep_maps, reduce, progress,
                         stop_after=points[-1].module_name if stop_early and points else None)
-    handles = []
-    token = _active_recorder.set(recorder)
-    logits = None
-    try:
-        with HOOK_REGISTRY_LOCK:
-            for point in points:
-                hook = functools.partial(_hook, recorder, point.module_name)
-                handles.append(modules[point.module_name].register_forward_hook(hook))
-        with torch.inference_mode():
-            logits = model(x.to(model_device(model)))
-    except _StopForward:
-        pass
-    finally:
-        _active_recorder.reset(token)
-        with HOOK_REGISTRY_LOCK:
-            for handle in handles:
-                handle.remove()
+    hooks = [(modules[p.module_name], functools.partial(_hook, recorder, p.module_name)) for p in points]
+    logits = hooked_pass(model, x, recorder, hooks)
     return recorder.captures(logits, x)
 
 
