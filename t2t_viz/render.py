@@ -111,10 +111,14 @@ def _resize_stack(unit: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(tile, 'F').resize((width, height), Image.BOX)) for tile in unit])
 
 
+def map_picture(channel_map: torch.Tensor, min_side: int = 1, cmap: str = 'viridis') -> np.ndarray:
+    """One (H, W) map scaled to its own range and coloured, enlarged (whole tokens) to at least ``min_side``."""
+    return upscale(colorize(normalize_channels(channel_map.unsqueeze(0))[0], cmap), min_side)
+
+
 def overlay(channel_map: torch.Tensor, image: Image.Image, alpha: float = 0.5) -> np.ndarray:
     """(H, W) map resized onto the (RGB) image and blended, as (H_img, W_img, 3) uint8."""
-    unit = normalize_channels(channel_map.unsqueeze(0))[0]
-    return blend(colorize(unit), image, alpha)
+    return blend(map_picture(channel_map), image, alpha)
 
 
 def blend(rgb: np.ndarray, image: Image.Image, alpha: float = 0.5, resample=Image.BILINEAR) -> np.ndarray:

@@ -17,7 +17,7 @@ from .. import attention, memory, zoo
 from ..images import preprocess
 from ..models import T2TViT
 from ..pipeline import ModelResult
-from ..render import blend, channel_grid, colorize, normalize_channels, png_bytes, upscale
+from ..render import blend, channel_grid, map_picture, png_bytes
 from ..views import denormalize
 from .resources import load_model, run_fits, store
 from .sidebar import Settings
@@ -34,11 +34,6 @@ def _token_model(loaded: zoo.LoadedModel) -> bool:
         return hasattr(loaded.model, 'blocks')
     except TypeError:
         return False
-
-
-def _picture(values: torch.Tensor, min_side: int = 320) -> np.ndarray:
-    """(h, w) attention weights as an enlarged viridis picture, scaled to the map's own range."""
-    return upscale(colorize(normalize_channels(values[None])[0]), min_side)
 
 
 def _pick_token(seen: Image.Image, grid: Tuple[int, int], key: str) -> Tuple[int, int]:
@@ -73,7 +68,7 @@ def _show_maps(maps: attention.AttentionMaps, seen: Image.Image, title: str, key
     mean = maps.mean[0]  # (h, w)
     st.caption(f'{title}: mean over {heads.shape[0]} head(s) on the {maps.grid[0]}x{maps.grid[1]} grid')
     left, right = st.columns(2)
-    picture = _picture(mean)
+    picture = map_picture(mean, 320)
     left.image(picture, caption='attention weights, scaled to their range')
     right.image(blend(picture, seen, 0.55, Image.NEAREST), caption='over the image')
     if heads.shape[0] > 1:

@@ -18,7 +18,7 @@ from ..capture import REAL_FORWARD
 from ..dataset import Failure, NamedImage, StatsRun, count_inputs, depth_bands, expand_uploads, fitting_batch
 from ..images import ImageError
 from ..procedures import PAPER_NOTEBOOK
-from ..render import colorize, normalize_channels, png_bytes, upscale
+from ..render import map_picture, png_bytes
 from .explore import PLOT_CONFIG
 from .resources import load_model, model_result
 from .sidebar import SAMPLES, Settings
@@ -163,9 +163,8 @@ def _channel_examples(job: DatasetJob, settings: Settings, model: str, procedure
             column.error(str(e))
             continue
         layer, summary = result.capture.layers[0], result.summaries[0]
-        unit = normalize_channels(layer.fmap[channel:channel + 1])[0]
         state = 'dead' if channel in summary.dead_ids else 'alive'
-        pictures.append(upscale(colorize(unit), 160))
+        pictures.append(map_picture(layer.fmap[channel], 160))
         column.image(pictures[-1], caption=f'{example.name}: channel {channel} ({state})')
     if pictures:
         height = max(p.shape[0] for p in pictures)

@@ -17,8 +17,8 @@ from ..figure import Panel, compose
 from ..images import ImageError
 from ..pipeline import ModelResult
 from ..procedures import PAPER_NOTEBOOK, describe
-from ..render import (blend, channel_grid, colorize, norm_image, normalize_channels, order_channels, overlay,
-                      pca_image, png_bytes, upscale)
+from ..render import (blend, channel_grid, map_picture, norm_image, order_channels, overlay, pca_image, png_bytes,
+                      upscale)
 from ..stats import LayerSummary, csv_text
 from ..views import compare_depths, denormalize, depth_curves, soft_split_windows, t2t_steps
 from . import attention_tab
@@ -180,7 +180,7 @@ def _channel_detail(layer: Layer, summary: LayerSummary) -> None:
                f'min {float(summary.stats.minimum[channel]):.4g}, '
                f'max {float(summary.stats.maximum[channel]):.4g}, mean {float(summary.stats.mean[channel]):.4g}')
     left, right = st.columns(2)
-    left.image(upscale(colorize(normalize_channels(values[None])[0]), 256), caption=f'channel {channel}')
+    left.image(map_picture(values, 256), caption=f'channel {channel}')
     if right.checkbox('Over the image', key='fm_overlay'):
         right.image(overlay(values, st.session_state.image), caption='over the image')
     if st.checkbox('Interactive heatmap (values on hover)', key='fm_heatmap_on'):
