@@ -192,15 +192,17 @@ _SHAPE_CHANGING_IN_PLACE = {'resize_', 'resize_as_', 'set_', 'as_strided_', 'squ
 
 
 class _NoDataWrites(TorchFunctionMode):
-    """Skips in-place writes into meta tensors (initialisation): they hold no data, and on the meta device
-    they run through slow Python reference kernels (0.5 s for T2T-ViT-24's truncated normals)."""
+    """Skips in-place writes into meta tensors (initialisation, filled tables): they hold no data, and on the
+    meta device they run through slow Python reference kernels (0.5 s for T2T-ViT-24's truncated normals)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         name = getattr(func, '__name__', '')
-        if (name.endswith('_') and not name.startswith('__') and name not in _SHAPE_CHANGING_IN_PLACE
-                and args and isinstance(args[0], torch.Tensor) and args[0].is_meta):
-            return args[0]
-        return func(*args, **(kwargs or {}))
+        target = args[0] if args else kwargs.get('tensor')  # torch.nn.init passes its tensor by keyword
+        writes = name == '__setitem__' or (name.endswith('_') and not name.startswith('__'))
+        if writes and name not in _SHAPE_CHANGING_IN_PLACE and isinstance(target, torch.Tensor) and target.is_meta:
+            return target
+        return func(*args, **kwargs)
 
 
 @contextmanager
