@@ -7,7 +7,8 @@ Measured in one run:
 - **floor**: importing the page module in a fresh process + reading the weight files + the first bare
   forward pass of each model at 224 (as a fresh server must do), each measured on its own;
 - **load vs read**: per model, ``zoo.load`` (build on the meta device, assign the file's tensors) against
-  reading its file alone.
+  reading its file alone; both end with every weight in memory, since mapped tensors (``.safetensors``
+  files, and zip-format ones in ``zoo.load``) are otherwise read only when first used.
 Goals: total <= 1.5x the floor; each load <= 1.5x the time to read its file. The server is started twice:
 the first start also traces the models' memory estimates (kept on disk for later starts), the second
 is what every later start costs.
@@ -25,14 +26,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterable, Iterator, Tuple
 
 import timm
 import torch
+import torch.nn as nn
 
 from t2t_viz import zoo
 from t2t_viz.models import read_checkpoint
 
 from .browser import app_server, chromium_page
+
+PAGE_BYTES = 4096
 
 
 def _release_file(name: str, folder: Path) -> Path:
@@ -52,10 +57,34 @@ def _release_file(name: str, folder: Path) -> Path:
     return path
 
 
+def _page_in(tensors: Iterable[torch.Tensor]) -> None:
+    """Read one value in every page of each tensor, so that the bytes of a mapped file are really read."""
+    for tensor in tensors:
+        if tensor.numel():
+            tensor.reshape(-1)[::max(1, PAGE_BYTES // tensor.element_size())].sum()
+
+
+def _tensors(checkpoint: dict) -> Iterator[torch.Tensor]:
+    for value in checkpoint.values():
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict):
+            yield from _tensors(value)
+
+
 def _read_seconds(path: Path) -> float:
+    """Reading the file: every tensor in memory (``.safetensors`` files are otherwise only mapped)."""
     start = time.perf_counter()
-    read_checkpoint(path)
+    _page_in(_tensors(read_checkpoint(path)))
     return time.perf_counter() - start
+
+
+def _load_seconds(name: str) -> Tuple[float, nn.Module]:
+    """``zoo.load`` and every weight in memory (a loaded file's tensors are mapped, read when first used)."""
+    start = time.perf_counter()
+    model = zoo.load(name, img_size=224, device='cpu', allow_download=False).model
+    _page_in(model.state_dict().values())
+    return time.perf_counter() - start, model
 
 
 def _import_seconds() -> float:
@@ -77,18 +106,16 @@ def main() -> None:
     read_total = forward_total = 0.0
     for name, path in files.items():
         read = min(_read_seconds(path) for _ in range(2))
-        start = time.perf_counter()
-        loaded = zoo.load(name, img_size=224, device='cpu', allow_download=False)
-        load = time.perf_counter() - start
+        load, model = _load_seconds(name)
         x = torch.randn(1, 3, 224, 224)
         with torch.inference_mode():
             start = time.perf_counter()
-            loaded.model(x)  # the first pass, with its one-time costs, as in a fresh server
+            model(x)  # the first pass, with its one-time costs, as in a fresh server
             forward = time.perf_counter() - start
         read_total += read
         forward_total += forward
-        print(f'{name:<42}{read:>8.2f}{load:>8.2f}{load / read:>6.2f}x{forward:>11.2f}', flush=True)
-        del loaded
+        print(f'{name:<42}{read:>8.3f}{load:>8.3f}{load / read:>6.2f}x{forward:>11.2f}', flush=True)
+        del model
 
     import_s = _import_seconds()
     floor = import_s + read_total + forward_total
