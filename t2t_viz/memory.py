@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 __all__ = ['MemoryEstimate', 'InsufficientMemory', 'LiveBytes', 'ReplayedByShape', 'EstimateStore', 'tensor_bytes',
            'module_bytes', 'measure_run', 'available_bytes', 'check_fits', 'format_bytes', 'cache_dir',
@@ -46,11 +46,18 @@ class LiveBytes(TorchDispatchMode):
 
     Tensors sharing a storage (views, in-place results) count once, while any of them is alive; views of
     memory allocated before (parameters, the caller's input) count nothing.
+
+    ``replay``: on the meta device an operation's outputs depend only on its inputs' shapes, strides and
+    dtypes and its other arguments, yet many kernels there are slow Python references (2 ms for a layer
+    norm). An operation seen again with the same arguments gets new outputs of the recorded layout
+    instead of running again (24 blocks of a ViT repeat one block's operations); operations whose outputs
+    are views or in-place writes always run.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, replay: bool = True) -> None:
         super().__init__()
         self._storages: Dict[int, list] = {}  # storage id -> [tensors alive, bytes]
+        self._layouts: Optional[Dict[tuple, tuple]] = {} if replay else None  # arguments -> outputs' layout
         self.live = 0
         self.peak = 0
 
@@ -78,12 +85,68 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        key = _layout_key(func, args, kwargs) if self._layouts is not None else None
+        layout = self._layouts.get(key) if key is not None else None
+        if layout is not None:
+            spec, outputs = layout
+            out = tree_unflatten([torch.empty_strided(shape, stride, dtype=dtype, device='meta')
+                                  for shape, stride, dtype in outputs], spec)
+        else:
+            out = func(*args, **kwargs)
         inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for tensor in tree_leaves(out):
+        leaves, spec = tree_flatten(out)
+        for tensor in leaves:
             if isinstance(tensor, torch.Tensor):
                 self._track(tensor, tensor.untyped_storage()._cdata in inputs)
+        if key is not None and layout is None and _replayable(leaves, inputs):
+            self._layouts[key] = (spec, [(t.shape, t.stride(), t.dtype) for t in leaves])
         return out
+
+
+class _NoKey(Exception):
+    pass
+
+
+def _describe(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        if not value.is_meta:
+            raise _NoKey
+        return 'tensor', tuple(value.shape), value.stride(), value.storage_offset(), value.dtype
+    if isinstance(value, (list, tuple)):
+        return type(value).__name__, tuple(_describe(v) for v in value)
+    if isinstance(value, dict):
+        return 'dict', tuple((k, _describe(v)) for k, v in value.items())
+    hash(value)  # TypeError for what cannot be a key
+    return type(value), value  # 1 and 1.0 (and True) promote differently
+
+
+def _layout_key(func, args: tuple, kwargs: dict) -> Optional[tuple]:
+    """What a meta operation's outputs depend on, or None when it is not all meta tensors and plain values."""
+    try:
+        return func, torch.get_default_dtype(), _describe(args), _describe(kwargs)
+    except (_NoKey, TypeError):
+        return None
+
+
+def _replayable(leaves: list, inputs: set) -> bool:
+    """Outputs that are new, distinct meta tensors, each the only user of a storage of its exact size."""
+    storages = set()
+    for tensor in leaves:
+        if not (isinstance(tensor, torch.Tensor) and tensor.is_meta) or tensor.storage_offset():
+            return False
+        storage = tensor.untyped_storage()
+        if storage._cdata in inputs or storage._cdata in storages or \
+                storage.nbytes() != _strided_bytes(tensor.shape, tensor.stride(), tensor.element_size()):
+            return False
+        storages.add(storage._cdata)
+    return True
+
+
+def _strided_bytes(shape: torch.Size, stride: Tuple[int, ...], itemsize: int) -> int:
+    """Bytes of the storage ``torch.empty_strided`` allocates for this layout."""
+    if any(n == 0 for n in shape):
+        return 0
+    return (1 + sum((n - 1) * s for n, s in zip(shape, stride))) * itemsize
 
 
 @dataclass(frozen=True)
