@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import io
 import os
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator, List, Union
+from typing import Iterable, Iterator, List, Tuple, Union
 
 import numpy as np
 import torch
@@ -14,10 +15,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform
 
 __all__ = ['ImageError', 'MAX_PIXELS', 'load_image', 'image_hash', 'find_images', 'preprocess', 'preprocess_batch',
-           'IMAGE_EXTENSIONS']
+           'IMAGE_EXTENSIONS', 'SAMPLE_PHOTOS', 'sample_photo']
 
 MAX_PIXELS = 64_000_000  # larger images are refused as possible decompression bombs
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif', '.tiff')
+SAMPLE_PHOTOS = {'chelsea (cat)': 'chelsea.png', 'coffee': 'coffee.png', 'astronaut': 'astronaut.png',
+                 'rocket': 'rocket.jpg'}  # label -> a photograph's file in scikit-image's package data
 
 
 class ImageError(ValueError):
@@ -76,6 +79,16 @@ def load_image(source: Union[str, os.PathLike, bytes], name: str | None = None,
         raise ImageError(f'{label}: corrupt or truncated image ({e})') from e
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
+
+
+def sample_photo(label: str) -> Tuple[str, bytes]:
+    """(file name, bytes) of a sample photograph, read from scikit-image's package data.
+
+    Read as a file (not with ``skimage.data``, whose first call imports its image I/O stack: 0.4 s), so a
+    sample goes through :func:`load_image` like an upload.
+    """
+    filename = SAMPLE_PHOTOS[label]
+    return filename, importlib.resources.files('skimage.data').joinpath(filename).read_bytes()
 
 
 def image_hash(image: Image.Image) -> str:

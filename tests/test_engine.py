@@ -11,7 +11,7 @@ from PIL import Image
 
 from t2t_viz import capture, zoo
 from t2t_viz.cli import main
-from t2t_viz.images import ImageError, load_image, preprocess
+from t2t_viz.images import SAMPLE_PHOTOS, ImageError, load_image, preprocess, sample_photo
 from t2t_viz.pipeline import inspect_images
 from t2t_viz.render import channel_grid, normalize_channels
 from t2t_viz.stats import CSV_COLUMNS, Thresholds, summarize
@@ -245,6 +245,15 @@ def test_bad_images_fail_with_one_clear_message(tmp_path, chelsea):
         load_image(good, max_pixels=1000)
     with pytest.raises(ImageError, match='uploaded image: not an image'):
         load_image(b'\x00\x01garbage')
+
+
+def test_sample_photos_are_scikit_images_own_pictures():
+    """Read as files through load_image, as uploads are: the pixels of skimage.data's loaders."""
+    from skimage import data
+    for label, loader in zip(SAMPLE_PHOTOS, (data.chelsea, data.coffee, data.astronaut, data.rocket)):
+        name, content = sample_photo(label)
+        assert name.split('.')[0] == label.split(' ')[0]
+        np.testing.assert_array_equal(np.asarray(load_image(content, name=name)), loader())
 
 
 def test_preprocess_uses_model_config(chelsea):

@@ -11,17 +11,16 @@ from typing import Iterator, List, Optional, Tuple, Union
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
-from PIL import Image
 
 from .. import memory, zoo
 from ..capture import REAL_FORWARD
 from ..dataset import Failure, NamedImage, StatsRun, count_inputs, depth_bands, expand_uploads, fitting_batch
-from ..images import ImageError
+from ..images import SAMPLE_PHOTOS, ImageError, sample_photo
 from ..procedures import PAPER_NOTEBOOK
 from ..render import map_picture, png_bytes
 from .explore import PLOT_CONFIG
 from .resources import load_model, model_result
-from .sidebar import SAMPLES, Settings
+from .sidebar import Settings
 
 __all__ = ['page', 'DatasetJob', 'DATASET_SIZES']
 
@@ -78,10 +77,7 @@ class DatasetJob:
 def _sources(uploads, use_samples: bool) -> List[Tuple[str, bytes]]:
     files = [(upload.name, upload.getvalue()) for upload in uploads or []]
     if use_samples:
-        for label, load in SAMPLES.items():
-            buffer = io.BytesIO()
-            Image.fromarray(load()).save(buffer, format='PNG')
-            files.append((label.split(' ')[0] + '.png', buffer.getvalue()))
+        files.extend(sample_photo(label) for label in SAMPLE_PHOTOS)
     return files
 
 

@@ -7,18 +7,14 @@ from typing import List
 
 import streamlit as st
 import timm
-from PIL import Image
-from skimage import data as samples
 
 from .. import downloads, zoo
-from ..images import ImageError, image_hash, load_image
+from ..images import SAMPLE_PHOTOS, ImageError, image_hash, load_image, sample_photo
 from ..models import T2T_VIT_VARIANTS
 from ..stats import Thresholds
 
-__all__ = ['Settings', 'image_picker', 'model_settings', 'weights_panel', 'default_models', 'SAMPLES']
+__all__ = ['Settings', 'image_picker', 'model_settings', 'weights_panel', 'default_models']
 
-SAMPLES = {'chelsea (cat)': samples.chelsea, 'coffee': samples.coffee, 'astronaut': samples.astronaut,
-           'rocket': samples.rocket}
 EXTRA_MODELS = ('resnet18', 'vit_tiny_patch16_224', 'vit_base_patch16_224')
 PRESET_LABELS = {'paper': "paper's weights (Figure 2)", 'timm': "today's timm weights"}
 
@@ -41,15 +37,13 @@ def image_picker() -> None:
     sidebar = st.sidebar
     upload = sidebar.file_uploader('Drop an image here', key='upload',
                                    help='Any image Pillow reads: PNG, JPEG, WebP, TIFF, BMP, GIF...')
-    sample = sidebar.selectbox('or use a sample', list(SAMPLES), key='sample', disabled=upload is not None)
+    sample = sidebar.selectbox('or use a sample', list(SAMPLE_PHOTOS), key='sample', disabled=upload is not None)
     source = ('upload', upload.file_id) if upload is not None else ('sample', sample)
     if st.session_state.get('image_source') == source:
         return
     try:
-        if upload is not None:
-            image, name = load_image(upload.getvalue(), name=upload.name), upload.name
-        else:
-            image, name = Image.fromarray(SAMPLES[sample]()), sample.split(' ')[0] + '.png'
+        name, content = (upload.name, upload.getvalue()) if upload is not None else sample_photo(sample)
+        image = load_image(content, name=name)
     except ImageError as e:
         sidebar.error(str(e))
         return
