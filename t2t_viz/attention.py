@@ -23,7 +23,7 @@ matrix it applies to v is the normalized kernel A_ij = φ(q_i)·φ(k_j) / (φ(q_
 vector products cost O(N).
 
 Everything is computed in float32 (whatever the tokens' dtype) on the tokens' device; maps and rows are
-returned on the CPU. Hooks follow :mod:`t2t_viz.capture`: a model is shared by many sessions, so each call
+returned on the CPU (``rollout_row``'s, on the tokens' device). Hooks follow :mod:`t2t_viz.capture`: a model is shared by many sessions, so each call
 gets its own inputs: the pass runs through :func:`t2t_viz.capture.hooked_pass`, whose hooks record only for
 the call that registered them and are always removed.
 """
@@ -37,22 +37,23 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.experimental import _config as fx_config
 from timm.layers import Attention
 from timm.models.vision_transformer import Block as VitBlock
 
+from . import memory
 from .capture import StopForward, hook_owner, hooked_pass
 from .models.t2t_vit import T2TViT, TokenPerformer, TokenTransformer
 
 __all__ = [
     'AttentionMaps', 'Position', 'token_grid', 't2t_layer_grid', 'query_index',
     'block_inputs', 't2t_layer_inputs', 'attention_rows', 'attention_map', 'received_attention', 'rollout_row',
-    'attention_maps', 'attention_rollout', 't2t_attention_map', 't2t_received_attention', 'CHUNK_BYTES',
+    'attention_maps', 'attention_rollout', 'rollout_bytes', 't2t_attention_map', 't2t_received_attention',
 ]
 
 Position = Tuple[int, int]  # (row, col) of a token on its grid
 
 _CHUNK_ELEMENTS = 1 << 25  # attention scores per chunk of query rows (128 MiB in float32)
-CHUNK_BYTES = _CHUNK_ELEMENTS * 4
 
 
 @dataclass
@@ -66,6 +67,9 @@ class AttentionMaps:
     def mean(self) -> torch.Tensor:
         """Mean over heads, (B, h, w)."""
         return self.maps.mean(dim=1)
+
+    def cpu(self) -> AttentionMaps:
+        return AttentionMaps(self.maps.cpu(), self.prefix.cpu(), self.grid)
 
 
 def token_grid(model: nn.Module, height: int, width: int) -> Tuple[int, int]:
@@ -322,12 +326,12 @@ def attention_rows(layer: nn.Module, tokens: torch.Tensor, queries: Union[int, S
 
 
 def _on_grid(rows: torch.Tensor, grid: Tuple[int, int]) -> AttentionMaps:
-    """Split (B, K, P+h*w) weights into the prefix part and (B, K, h, w) maps."""
+    """Split (B, K, P+h*w) weights into the prefix part and (B, K, h, w) maps, on the rows' device."""
     B, K, T = rows.shape
     num_prefix = T - grid[0] * grid[1]
     if num_prefix < 0:
         raise ValueError(f'{T} tokens do not fill the {grid[0]}x{grid[1]} grid')
-    rows = rows.float().cpu()
+    rows = rows.float()
     return AttentionMaps(rows[:, :, num_prefix:].reshape(B, K, *grid), rows[:, :, :num_prefix], tuple(grid))
 
 
@@ -358,13 +362,13 @@ def received_attention(layer: nn.Module, tokens: torch.Tensor, grid: Tuple[int, 
     source = _row_source(layer, tokens)
     B, T = source.batch_size, source.num_tokens
     uniform = torch.full((B, T), 1.0 / T, device=tokens.device)  # (B, T)
-    return _on_grid(source.vector_product(uniform, chunk_size), grid)
+    return _on_grid(source.vector_product(uniform, chunk_size), grid).cpu()
 
 
 @torch.inference_mode()
 def rollout_row(blocks: Sequence[nn.Module], inputs: Sequence[torch.Tensor], query: int = 0,
                 chunk_size: Optional[int] = None) -> torch.Tensor:
-    """Row ``query`` of Â_L ... Â_1 (Â_l = 0.5 mean_heads(A_l) + 0.5 I): (B, T) float32 on the CPU.
+    """Row ``query`` of Â_L ... Â_1 (Â_l = 0.5 mean_heads(A_l) + 0.5 I): (B, T) float32 on the inputs' device.
 
     ``blocks`` are ViT blocks in forward order and ``inputs`` their inputs (B, T, C) each. The row
     is a vector-matrix chain from the last block backwards: v <- v Â_l, each product computed from the
@@ -379,7 +383,7 @@ def rollout_row(blocks: Sequence[nn.Module], inputs: Sequence[torch.Tensor], que
     for block, tokens in zip(reversed(blocks), reversed(inputs)):
         mixed = _row_source(block, tokens).vector_product(vector, chunk_size).mean(dim=1)  # (B, T): v mean_h(A)
         vector = 0.5 * mixed + 0.5 * vector
-    return vector.cpu()
+    return vector
 
 
 def attention_maps(model: nn.Module, x: torch.Tensor, blocks: Sequence[int],
@@ -399,8 +403,26 @@ def attention_rollout(model: nn.Module, x: torch.Tensor, first_block: int = 0, l
     """Attention rollout of the class token (or the token at ``query``) through blocks first..last (inclusive).
 
     Maps are (B, 1, h, w); ``prefix`` holds the share that stays on the class/prefix tokens. The pass keeps
-    the input of every block in the range (B, T, C each) until the chain is done.
+    the input of every block in the range (B, T, C each) until the chain is done (see :func:`rollout_bytes`).
     """
+    return _rollout(model, x, first_block, last_block, query, chunk_size).cpu()
+
+
+def rollout_bytes(model: nn.Module, img_size: int, first_block: int = 0, last_block: int = -1) -> int:
+    """Peak bytes of :func:`attention_rollout` for one ``img_size`` image, input included.
+
+    Measured by running the rollout shape-only on ``model`` built on the meta device (see
+    :mod:`t2t_viz.memory`), where no value tells which query rows contribute: all of them are computed,
+    as they are from the second block of the chain on.
+    """
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+        peak, _ = memory.measure_run(lambda x: _rollout(model, x, first_block, last_block, None, None),
+                                     (1, 3, img_size, img_size))
+    return peak
+
+
+def _rollout(model: nn.Module, x: torch.Tensor, first_block: int, last_block: int, query: Optional[Position],
+             chunk_size: Optional[int]) -> AttentionMaps:
     first, last = _block_indices(model, [first_block]) + _block_indices(model, [last_block])
     if first > last:
         raise ValueError(f'first_block {first_block} comes after last_block {last_block}')

@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 from timm.data import ImageNetInfo
 
-from . import capture, memory, procedures, zoo
+from . import attention, capture, memory, procedures, zoo
 from .images import preprocess_batch
 from .stats import LayerSummary, Thresholds, layer_stats, summarize
 from .zoo import LoadedModel, WeightsInfo
 
-__all__ = ['ModelResult', 'inspect_images', 'run_batch', 'memory_estimate', 'layer_labels', 'top_k', 'DISPLAY_SIDE',
+__all__ = ['ModelResult', 'inspect_images', 'run_batch', 'memory_estimate', 'rollout_estimate', 'layer_labels', 'top_k', 'DISPLAY_SIDE',
            'DISPLAY_DTYPE']
 
 DISPLAY_SIDE = 128  # kept display maps are average-pooled to at most this many pixels a side
@@ -95,12 +95,27 @@ def memory_estimate(name: str, img_size: int, batch: int = 1, procedure: str = c
     """
     key = '|'.join(map(str, (name, img_size, batch, procedure, mlp_hidden, dtype, max_side, keep_maps, layers,
                              stop_early)))
+    return _kept_estimate(key, lambda: _trace_estimate(name, img_size, batch, procedure, mlp_hidden, dtype, max_side,
+                                                       keep_maps, layers, stop_early))
+
+
+def rollout_estimate(name: str, img_size: int, last_block: int) -> memory.MemoryEstimate:
+    """What :func:`t2t_viz.attention.attention_rollout` through blocks 0..``last_block`` needs for one image
+    (traced like :func:`memory_estimate`, see :func:`t2t_viz.attention.rollout_bytes`)."""
+    def trace() -> memory.MemoryEstimate:
+        model = zoo.build_on_meta(name, img_size)
+        return memory.MemoryEstimate(memory.module_bytes(model),
+                                     attention.rollout_bytes(model, img_size, 0, last_block), 0)
+
+    return _kept_estimate(f'rollout|{name}|{img_size}|{last_block}', trace)
+
+
+def _kept_estimate(key: str, trace: Callable[[], memory.MemoryEstimate]) -> memory.MemoryEstimate:
     with _estimate_lock(key):  # a page and the preloading thread asking at once: traced once
         saved = _saved_estimates().get(key)
         if saved is not None:
             return saved
-        estimate = _trace_estimate(name, img_size, batch, procedure, mlp_hidden, dtype, max_side, keep_maps, layers,
-                                   stop_early)
+        estimate = trace()
         _saved_estimates().put(key, estimate)
         return estimate
 

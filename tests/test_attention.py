@@ -6,9 +6,12 @@ import timm
 import torch
 import torch.nn as nn
 
+from t2t_viz import memory, zoo
 from t2t_viz.attention import (
     attention_maps, attention_rollout, attention_rows, block_inputs, query_index, received_attention,
-    rollout_row, t2t_attention_map, t2t_layer_grid, t2t_layer_inputs, t2t_received_attention, token_grid)
+    rollout_bytes, rollout_row, t2t_attention_map, t2t_layer_grid, t2t_layer_inputs, t2t_received_attention, token_grid)
+
+from t2t_viz.memory import LiveBytes
 
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)
 
@@ -161,6 +164,27 @@ def test_rollout_matches_full_matrix_product(vit, images, vit_reference):
     inputs = block_inputs(vit, images, [10, 11])
     torch.testing.assert_close(rollout_row([vit.blocks[10], vit.blocks[11]], [inputs[10], inputs[11]], query=0),
                                explicit_rollout(10, 11)[:, 0], **TOLERANCE)
+
+
+@pytest.mark.parametrize('name', ['vit_tiny_patch16_224', 't2t_vit_7'])
+def test_rollout_bytes_are_what_the_real_rollout_allocates(name):
+    """Traced shape-only (every query row taken to contribute); the real chain computes one row in its first
+    product and all rows in the others, so the two peaks agree."""
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with LiveBytes() as real:
+        attention_rollout(model, x, 0, 5, chunk_size=None)
+    meta_model = zoo.build_on_meta(name)
+    input_bytes = memory.INPUT_COPIES * x.numel() * 4
+    assert rollout_bytes(meta_model, 224, 0, 5) - input_bytes == pytest.approx(real.peak, rel=0.02)
+
+
+def test_rollout_bytes_grow_with_the_blocks_kept():
+    """Every block's input is kept until the chain is done: at 1024, ViT-Tiny's 4097 tokens of 192 floats."""
+    meta_model = zoo.build_on_meta('vit_tiny_patch16_224', 1024)
+    block_input = 4097 * 192 * 4
+    assert rollout_bytes(meta_model, 1024, 0, 11) - rollout_bytes(meta_model, 1024, 0, 1) >= 10 * block_input
 
 
 def test_functions_leave_fused_forward_unchanged(images):

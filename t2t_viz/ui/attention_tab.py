@@ -5,7 +5,7 @@ fused attention, its logits and every other map stay as they are.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import plotly.graph_objects as go
@@ -19,7 +19,7 @@ from ..models import T2TViT
 from ..pipeline import ModelResult
 from ..render import blend, channel_grid, map_picture, png_bytes
 from ..views import denormalize
-from .resources import load_model, run_fits, store
+from .resources import load_model, rollout_fits, run_fits, store
 from .sidebar import Settings
 
 __all__ = ['render']
@@ -108,12 +108,13 @@ def render(results: Dict[str, ModelResult], settings: Settings, img_size: int) -
     st.caption('Recomputed exactly from the captured input of the chosen block (the forward pass keeps its fused '
                'attention); rollout: Abnar & Zuidema (2020), 0.5 A + 0.5 I per block.')
     if source == BACKBONE:
-        _backbone(loaded, x, seen, base_key)
+        _backbone(loaded, x, seen, base_key, lambda last: rollout_fits(name, img_size, last, settings.device))
     else:
         _t2t_layer(loaded, x, seen, base_key, T2T_LAYERS[source])
 
 
-def _backbone(loaded: zoo.LoadedModel, x: torch.Tensor, seen: Image.Image, base_key: Tuple) -> None:
+def _backbone(loaded: zoo.LoadedModel, x: torch.Tensor, seen: Image.Image, base_key: Tuple,
+              rollout_fits_through: Callable[[int], None]) -> None:
     depth = len(loaded.model.blocks)
     controls = st.columns(2)
     block = controls[0].slider('Block', 1, depth, min(5, depth), key='at_block')
@@ -126,10 +127,8 @@ def _backbone(loaded: zoo.LoadedModel, x: torch.Tensor, seen: Image.Image, base_
                        lambda: attention.attention_maps(loaded.model, x, [block - 1], query)[block - 1])
     _show_maps(maps, seen, f'block {block}, from the {label}', f'attention_block{block}')
     if st.checkbox(f'Attention rollout through blocks 1 to {block}', key='at_rollout'):
-        tokens = grid[0] * grid[1] + getattr(loaded.model, 'num_prefix_tokens', 1)
-        kept_inputs = block * tokens * loaded.model.embed_dim * 4  # rollout keeps every block's input (float32)
         try:
-            memory.check_fits(kept_inputs + attention.CHUNK_BYTES, f'rollout through {block} blocks')
+            rollout_fits_through(block - 1)
         except memory.InsufficientMemory as e:
             st.error(str(e))
             return

@@ -14,11 +14,11 @@ from PIL import Image
 
 from .. import memory, zoo
 from ..capture import REAL_FORWARD
-from ..pipeline import DISPLAY_DTYPE, DISPLAY_SIDE, ModelResult, inspect_images, memory_estimate
+from ..pipeline import DISPLAY_DTYPE, DISPLAY_SIDE, ModelResult, inspect_images, memory_estimate, rollout_estimate
 from ..stats import Thresholds
 from ..store import ByteBudgetStore
 
-__all__ = ['store', 'load_model', 'model_result', 'run_fits', 'preload']
+__all__ = ['store', 'load_model', 'model_result', 'run_fits', 'rollout_fits', 'preload']
 
 _logger = logging.getLogger(__name__)
 
@@ -75,6 +75,13 @@ def run_fits(name: str, img_size: int, procedure: str, layers: Optional[Tuple[st
     if store().get(_model_key(name, img_size, device)) is None:
         needed += estimate.weights
     memory.check_fits(needed, f'{name} at {img_size}x{img_size}')
+
+
+def rollout_fits(name: str, img_size: int, last_block: int, device: str) -> None:
+    """Raise InsufficientMemory when an attention rollout through blocks 0..last_block would not fit now."""
+    estimate = rollout_estimate(name, img_size, last_block)
+    needed = estimate.peak + (estimate.weights if store().get(_model_key(name, img_size, device)) is None else 0)
+    memory.check_fits(needed, f'the rollout through {last_block + 1} blocks of {name}')
 
 
 def model_result(image: Image.Image, image_key: str, name: str, img_size: int, device: str,
