@@ -23,9 +23,10 @@ matrix it applies to v is the normalized kernel A_ij = φ(q_i)·φ(k_j) / (φ(q_
 vector products cost O(N).
 
 Everything is computed in float32 (whatever the tokens' dtype) on the tokens' device; maps and rows are
-returned on the CPU (``rollout_row``'s, on the tokens' device). Hooks follow :mod:`t2t_viz.capture`: a model is shared by many sessions, so each call
-gets its own inputs: the pass runs through :func:`t2t_viz.capture.hooked_pass`, whose hooks record only for
-the call that registered them and are always removed.
+returned on the CPU (``rollout_row``'s, on the tokens' device). Hooks follow :mod:`t2t_viz.capture`: a
+model is shared by many sessions, so each call gets its own inputs: the pass runs through
+:func:`t2t_viz.capture.hooked_pass`, whose hooks record only for the call that registered them and are
+always removed.
 """
 from __future__ import annotations
 

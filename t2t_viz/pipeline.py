@@ -15,8 +15,8 @@ from .images import preprocess_batch
 from .stats import LayerSummary, Thresholds, layer_stats, summarize
 from .zoo import LoadedModel, WeightsInfo
 
-__all__ = ['ModelResult', 'inspect_images', 'run_batch', 'memory_estimate', 'rollout_estimate', 'layer_labels', 'top_k', 'DISPLAY_SIDE',
-           'DISPLAY_DTYPE']
+__all__ = ['ModelResult', 'inspect_images', 'run_batch', 'memory_estimate', 'rollout_estimate', 'layer_labels',
+           'top_k', 'DISPLAY_SIDE', 'DISPLAY_DTYPE']
 
 DISPLAY_SIDE = 128  # kept display maps are average-pooled to at most this many pixels a side
 DISPLAY_DTYPE = torch.float16  # display maps only: statistics are reduced from the full float32 maps
