@@ -14,7 +14,7 @@ from .stats import LayerSummary
 
 __all__ = ['DEAD_COLOR', 'MASSIVE_COLOR', 'FLAT_COLOR', 'HIGH_NORM_COLOR', 'COLORMAPS', 'normalize_channels',
            'order_channels', 'channel_grid', 'colorize', 'overlay', 'blend', 'upscale', 'pca_image', 'norm_image',
-           'save_png', 'png_bytes']
+           'side_by_side', 'save_png', 'png_bytes']
 
 DEAD_COLOR = (230, 25, 25)
 MASSIVE_COLOR = (255, 170, 0)
@@ -158,6 +158,13 @@ def norm_image(token_norms: torch.Tensor, high_norm: Optional[torch.Tensor] = No
         cell = picture[top:top + factor, left:left + factor]
         cell[:width], cell[-width:], cell[:, :width], cell[:, -width:] = (HIGH_NORM_COLOR,) * 4
     return picture
+
+
+def side_by_side(pictures: Sequence[np.ndarray], gap: int = 8) -> np.ndarray:
+    """RGB pictures (h_i, w_i, 3) in one row, top-aligned on white, ``gap`` white pixels after each."""
+    height = max(p.shape[0] for p in pictures)
+    return np.concatenate([np.pad(p, ((0, height - p.shape[0]), (0, gap), (0, 0)), constant_values=255)
+                           for p in pictures], axis=1)
 
 
 def save_png(array: np.ndarray, path: str) -> None:

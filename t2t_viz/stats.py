@@ -286,6 +286,15 @@ class DeadChannelCounter:
         found = [(key[3], counts) for key, counts in self._counts.items() if key[0] == model and key[2] == procedure]
         return sorted(found, key=lambda item: item[1].depth)
 
+    def frequency_matrix(self, model: str, procedure: str = REAL_FORWARD) -> torch.Tensor:
+        """(layers, widest layer's channels) dead frequencies in depth order, NaN past a layer's channels."""
+        layers = self.layers(model, procedure)
+        width = max((counts.dead_images.numel() for _, counts in layers), default=0)
+        matrix = torch.full((len(layers), width), math.nan, dtype=torch.float64)
+        for row, (_, counts) in enumerate(layers):
+            matrix[row, :counts.dead_images.numel()] = counts.frequency
+        return matrix
+
     def rows(self) -> Iterable[Dict[str, object]]:
         for (model, weights, procedure, layer), counts in self._counts.items():
             for channel, dead_images in enumerate(counts.dead_images.tolist()):

@@ -1,5 +1,6 @@
 """Statistics over many images: uploads and zips, streaming aggregates, the same CSV as the CLI."""
 import io
+import math
 import os
 import tracemalloc
 import zipfile
@@ -10,8 +11,10 @@ import torch
 from timm.data import resolve_data_config
 
 from t2t_viz import zoo
+from t2t_viz.capture import Layer
 from t2t_viz.cli import main
 from t2t_viz.dataset import Failure, NamedImage, StatsRun, depth_bands, expand_uploads
+from t2t_viz.stats import DeadChannelCounter, summarize
 
 
 def _png(image, size=(96, 80)) -> bytes:
@@ -98,3 +101,17 @@ def test_both_procedures_are_counted_apart(chelsea, procedures):
     assert channel_rows[0].endswith(',procedure')
     assert {line.rsplit(',', 1)[1] for line in channel_rows[1:]} == set(procedures)
     assert len(run.counter.layers('resnet18', 'paper_notebook')) == 17
+
+
+def test_dead_frequency_matrix_pads_narrow_layers_and_orders_by_depth():
+    def summary(name: str, depth: int, dead: list, channels: int):
+        fmap = torch.ones(channels, 2, 2)
+        fmap[dead] = 0
+        return summarize(Layer(name, 'block', depth, fmap, f'block {depth + 1}'))
+
+    counter = DeadChannelCounter()
+    for dead_in_wide in ([1, 3], [1]):  # added deepest layer first: the matrix is in depth order
+        counter.add('m', 'random', summary('b', 1, dead_in_wide, 4))
+        counter.add('m', 'random', summary('a', 0, [0], 2))
+    expected = torch.tensor([[1.0, 0.0, math.nan, math.nan], [0.0, 1.0, 0.0, 0.5]], dtype=torch.float64)
+    torch.testing.assert_close(counter.frequency_matrix('m'), expected, equal_nan=True)

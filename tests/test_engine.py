@@ -13,7 +13,7 @@ from t2t_viz import capture, zoo
 from t2t_viz.cli import main
 from t2t_viz.images import SAMPLE_PHOTOS, ImageError, load_image, preprocess, sample_photo
 from t2t_viz.pipeline import inspect_images
-from t2t_viz.render import channel_grid, normalize_channels
+from t2t_viz.render import channel_grid, normalize_channels, side_by_side
 from t2t_viz.stats import CSV_COLUMNS, Thresholds, summarize
 
 
@@ -196,6 +196,13 @@ def test_float16_and_downsampled_storage():
     assert max(layer.fmap.shape[1] for layer in cap.layers) == 28
     first = cap.layers[0]
     assert first.shape == (147, 56, 56) and first.pooled and (first.height, first.width) == (56, 56)
+
+
+def test_side_by_side_top_aligns_on_white_with_gaps():
+    tall, short = np.zeros((4, 3, 3), np.uint8), np.full((2, 2, 3), 7, np.uint8)
+    row = side_by_side([tall, short], gap=1)
+    assert row.shape == (4, 3 + 1 + 2 + 1, 3)
+    assert (row[:2, 4:6] == 7).all() and (row[2:, 4:6] == 255).all() and (row[:, 3] == 255).all()
 
 
 def test_render_grid_marks_dead_and_survives_constant_channels():

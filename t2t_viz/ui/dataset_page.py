@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Tuple, Union
 
-import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -17,7 +16,7 @@ from ..capture import REAL_FORWARD
 from ..dataset import Failure, NamedImage, StatsRun, count_inputs, depth_bands, expand_uploads, fitting_batch
 from ..images import SAMPLE_PHOTOS, ImageError, sample_photo
 from ..procedures import PAPER_NOTEBOOK
-from ..render import map_picture, png_bytes
+from ..render import map_picture, png_bytes, side_by_side
 from .explore import PLOT_CONFIG
 from .resources import load_model, model_result
 from .sidebar import Settings
@@ -132,12 +131,8 @@ def _band_chart(series, column: str, title: str, log: bool = False) -> go.Figure
 
 def _heatmap(job: DatasetJob, model: str, procedure: str) -> Tuple[go.Figure, List[Tuple[str, str]]]:
     layers = job.run.counter.layers(model, procedure)
-    width = max(counts.dead_images.numel() for _, counts in layers)
-    z = np.full((len(layers), width), np.nan)
-    for row, (_, counts) in enumerate(layers):
-        z[row, :counts.dead_images.numel()] = counts.frequency.numpy()
     labels = [f'{counts.label} ({name})' for name, counts in layers]
-    figure = go.Figure(go.Heatmap(z=z, y=labels, colorscale='Reds', zmin=0, zmax=1,
+    figure = go.Figure(go.Heatmap(z=job.run.counter.frequency_matrix(model, procedure).numpy(), y=labels, colorscale='Reds', zmin=0, zmax=1,
                                   colorbar=dict(title='dead in'),
                                   hovertemplate='layer %{y}<br>channel %{x}<br>'
                                                 'dead in %{z:.0%} of images<extra></extra>'))
@@ -163,10 +158,7 @@ def _channel_examples(job: DatasetJob, settings: Settings, model: str, procedure
         pictures.append(map_picture(layer.fmap[channel], 160))
         column.image(pictures[-1], caption=f'{example.name}: channel {channel} ({state})')
     if pictures:
-        height = max(p.shape[0] for p in pictures)
-        strip = np.concatenate([np.pad(p, ((0, height - p.shape[0]), (0, 8), (0, 0)), constant_values=255)
-                                for p in pictures], axis=1)
-        st.download_button('Download these maps', data=lambda: png_bytes(strip), file_name=f'{model}_{layer_label}_'
+        st.download_button('Download these maps', data=lambda: png_bytes(side_by_side(pictures)), file_name=f'{model}_{layer_label}_'
                            f'channel{channel}.png', mime='image/png', key='ds_examples_png', on_click='ignore')
 
 
