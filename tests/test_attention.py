@@ -1,4 +1,5 @@
 """Attention maps recomputed from block inputs: equal to the matrices the models' unfused paths build."""
+import copy
 import threading
 
 import pytest
@@ -310,6 +311,29 @@ def test_t2t_performer_kernel_matrix_gives_layer_output(t2t7):
         received = t2t_received_attention(t2t7, x, number)
         torch.testing.assert_close(received.maps[:, 0], matrix.mean(dim=1).reshape(1, *grid), atol=1e-7, rtol=1e-4)
     assert no_hooks(t2t7)
+
+
+def test_t2t_performer_epsilon_enters_as_in_the_layer(t2t7):
+    """With ε a large share of the normalizer, rows no longer sum to 1 and must still give the layer's output."""
+    layer = copy.deepcopy(t2t7.tokens_to_token.attention1)
+    tokens = t2t_layer_inputs(t2t7, torch.randn(1, 3, 224, 160), [1])[1]
+    T = tokens.shape[1]
+    with torch.inference_mode():
+        k, q, _ = layer.kqv(layer.norm1(tokens)).split(layer.token_dim, dim=-1)
+        normalizer = layer._random_features(q) @ layer._random_features(k).sum(dim=1).unsqueeze(-1)  # (B, T, 1)
+    layer.epsilon = float(normalizer.median())  # ε now halves the typical row sum
+    matrix = attention_rows(layer, tokens, torch.arange(T))[:, 0]  # (B, T, T)
+    captured = []
+    handle = layer.proj.register_forward_pre_hook(lambda module, args: captured.append(args[0].clone()))
+    try:
+        with torch.inference_mode():
+            layer(tokens)
+            v = layer.kqv(layer.norm1(tokens)).split(layer.token_dim, dim=-1)[2]
+    finally:
+        handle.remove()
+    torch.testing.assert_close(matrix @ v, captured[0], atol=1e-5, rtol=1e-4)
+    row_sums = matrix.sum(dim=-1)
+    assert 0.2 < float(row_sums.median()) < 0.8, row_sums.median()
 
 
 def test_t2t_early_stop_at_restructurization_layer(t2t7):
