@@ -16,6 +16,7 @@ from skimage import data
 from streamlit.testing.v1 import AppTest
 from timm.models import _registry
 
+from t2t_viz.memory import MemoryEstimate
 from t2t_viz.ui.explore import TABS
 from t2t_viz.ui.resources import store
 
@@ -129,13 +130,19 @@ def test_procedures_tab_puts_both_procedures_side_by_side():
     assert 'Download both panels' in [b.label for b in at.get('download_button')]
 
 
-def test_attention_tab_class_token_picked_token_rollout_and_t2t_layers():
+def test_attention_tab_class_token_picked_token_rollout_and_t2t_layers(monkeypatch):
     at = _app()
     at.session_state['explore_tab'] = 'Attention'
     at.run()
     assert at.selectbox(key='at_model').options == ['vit_tiny_patch16_224', 't2t_vit_7']  # no ResNet
     assert any('mean over 3 head(s) on the 14x14 grid' in c.value for c in at.caption)
-    at.checkbox(key='at_rollout').check().run()
+    with monkeypatch.context() as patched:  # a rollout that would not fit is refused, saying what it needs
+        patched.setattr('t2t_viz.ui.resources.rollout_estimate', lambda *args: MemoryEstimate(0, 2**50, 0))
+        at.checkbox(key='at_rollout').check().run()
+        assert any('the rollout through 5 blocks of vit_tiny_patch16_224 needs about' in e.value
+                   for e in at.error), [e.value for e in at.error]
+    at.run()
+    assert not at.error
     at.radio(key='at_query_mode').set_value('a token I pick').run()
     at.number_input(key='at_row').set_value(3).run()
     assert any('from the token (3, 7)' in c.value for c in at.caption)
