@@ -283,6 +283,19 @@ def test_t2t_transformer_layer_rows_match_explicit_softmax():
     assert no_hooks(model)
 
 
+def _performer_output_and_values(layer: nn.Module, tokens: torch.Tensor):
+    """A TokenPerformer's attention output y (before ``proj``) and its values v, both (B, T, token_dim)."""
+    captured = []
+    handle = layer.proj.register_forward_pre_hook(lambda module, args: captured.append(args[0].clone()))
+    try:
+        with torch.inference_mode():
+            layer(tokens)
+            v = layer.kqv(layer.norm1(tokens)).split(layer.token_dim, dim=-1)[2]  # release order k, q, v
+    finally:
+        handle.remove()
+    return captured[0], v
+
+
 def test_t2t_performer_kernel_matrix_gives_layer_output(t2t7):
     x = torch.randn(1, 3, 224, 160)
     t2t = t2t7.tokens_to_token
@@ -293,15 +306,8 @@ def test_t2t_performer_kernel_matrix_gives_layer_output(t2t7):
         assert grid == {1: (56, 40), 2: (28, 20)}[number]
         T = tokens.shape[1]
         matrix = attention_rows(layer, tokens, torch.arange(T))[:, 0]  # (B, T, T)
-        captured = []
-        handle = layer.proj.register_forward_pre_hook(lambda module, args: captured.append(args[0].clone()))
-        try:
-            with torch.inference_mode():
-                layer(tokens)
-                v = layer.kqv(layer.norm1(tokens)).split(layer.token_dim, dim=-1)[2]  # release order k, q, v
-        finally:
-            handle.remove()
-        torch.testing.assert_close(matrix @ v, captured[0], atol=1e-5, rtol=1e-4)  # y before proj
+        y, v = _performer_output_and_values(layer, tokens)
+        torch.testing.assert_close(matrix @ v, y, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(matrix.sum(dim=-1), torch.ones(1, T), **TOLERANCE)
         assert matrix.max() > 20 / T
 
@@ -323,15 +329,8 @@ def test_t2t_performer_epsilon_enters_as_in_the_layer(t2t7):
         normalizer = layer._random_features(q) @ layer._random_features(k).sum(dim=1).unsqueeze(-1)  # (B, T, 1)
     layer.epsilon = float(normalizer.median())  # ε now halves the typical row sum
     matrix = attention_rows(layer, tokens, torch.arange(T))[:, 0]  # (B, T, T)
-    captured = []
-    handle = layer.proj.register_forward_pre_hook(lambda module, args: captured.append(args[0].clone()))
-    try:
-        with torch.inference_mode():
-            layer(tokens)
-            v = layer.kqv(layer.norm1(tokens)).split(layer.token_dim, dim=-1)[2]
-    finally:
-        handle.remove()
-    torch.testing.assert_close(matrix @ v, captured[0], atol=1e-5, rtol=1e-4)
+    y, v = _performer_output_and_values(layer, tokens)
+    torch.testing.assert_close(matrix @ v, y, atol=1e-5, rtol=1e-4)
     row_sums = matrix.sum(dim=-1)
     assert 0.2 < float(row_sums.median()) < 0.8, row_sums.median()
 
