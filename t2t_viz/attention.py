@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -55,6 +56,7 @@ __all__ = [
 Position = Tuple[int, int]  # (row, col) of a token on its grid
 
 _CHUNK_ELEMENTS = 1 << 25  # attention scores per chunk of query rows (128 MiB in float32)
+_META_NONZERO_LOCK = threading.Lock()  # two traces at once: the first to leave would unset the other's flag
 
 
 @dataclass
@@ -416,7 +418,7 @@ def rollout_bytes(model: nn.Module, img_size: int, first_block: int = 0, last_bl
     :mod:`t2t_viz.memory`), where no value tells which query rows contribute: all of them are computed,
     as they are from the second block of the chain on.
     """
-    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+    with _META_NONZERO_LOCK, fx_config.patch(meta_nonzero_assume_all_nonzero=True):  # a process-wide flag
         peak, _ = memory.measure_run(lambda x: _rollout(model, x, first_block, last_block, None, None),
                                      (1, 3, img_size, img_size))
     return peak
