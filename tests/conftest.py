@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import t2t_viz  # noqa: F401  (registers T2T-ViT into timm)
 
@@ -39,3 +40,20 @@ def _cloned_outputs(model: torch.nn.Module, x: torch.Tensor, names) -> dict:
 @pytest.fixture(scope='session')
 def cloned_outputs():
     return _cloned_outputs
+
+
+class _AtenOps(TorchDispatchMode):
+    """Records the name of every aten operation that reaches the kernels beneath it (e.g. 'uniform_')."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope='session')
+def aten_ops():
+    return _AtenOps

@@ -9,10 +9,8 @@ import torch.nn as nn
 
 from t2t_viz import memory, zoo
 from t2t_viz.attention import (
-    attention_maps, attention_rollout, attention_rows, block_inputs, query_index, received_attention,
-    rollout_bytes, rollout_row, t2t_attention_map, t2t_layer_grid, t2t_layer_inputs, t2t_received_attention, token_grid)
-
-from t2t_viz.memory import LiveBytes
+    attention_maps, attention_rollout, attention_rows, block_inputs, query_index, received_attention, rollout_bytes,
+    rollout_row, t2t_attention_map, t2t_layer_grid, t2t_layer_inputs, t2t_received_attention, token_grid)
 
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)
 
@@ -174,7 +172,7 @@ def test_rollout_bytes_are_what_the_real_rollout_allocates(name):
     torch.manual_seed(0)
     model = timm.create_model(name).eval()
     x = torch.randn(1, 3, 224, 224)
-    with LiveBytes() as real:
+    with memory.LiveBytes() as real:
         attention_rollout(model, x, 0, 5, chunk_size=None)
     meta_model = zoo.build_on_meta(name)
     input_bytes = memory.INPUT_COPIES * x.numel() * 4

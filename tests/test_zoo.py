@@ -10,7 +10,6 @@ import pytest
 import timm
 import torch
 from timm.models import _registry
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from t2t_viz import zoo
 from t2t_viz.cli import main
@@ -85,20 +84,10 @@ def test_loading_by_assignment_gives_the_logits_of_the_ordinary_path(tmp_path, n
         torch.testing.assert_close(loaded.model(x), _ordinary(name, path)(x), rtol=0, atol=0)
 
 
-class _AtenOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize('name', ['resnet18', 't2t_vit_7'])
-def test_building_on_meta_runs_no_initialisation(name):
+def test_building_on_meta_runs_no_initialisation(name, aten_ops):
     """No in-place write reaches a kernel, also from torch.nn.init (which passes its tensor by keyword)."""
-    with _AtenOps() as ops:
+    with aten_ops() as ops:
         model = zoo.build_on_meta(name)
     assert all(t.is_meta for t in model.state_dict().values())
     written = sorted({n for n in ops.names if n.endswith('_') and not n.startswith('_')})
