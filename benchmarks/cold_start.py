@@ -29,11 +29,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Tuple
+from typing import Dict, Iterable, Iterator, List
 
 import timm
 import torch
-import torch.nn as nn
 
 from t2t_viz import zoo
 from t2t_viz.models import read_checkpoint
@@ -82,12 +81,12 @@ def _read_seconds(path: Path) -> float:
     return time.perf_counter() - start
 
 
-def _load_seconds(name: str) -> Tuple[float, nn.Module]:
+def _load_seconds(name: str) -> float:
     """``zoo.load`` and every weight in memory (a loaded file's tensors are mapped, read when first used)."""
     start = time.perf_counter()
     model = zoo.load(name, img_size=224, device='cpu', allow_download=False).model
     _page_in(model.state_dict().values())
-    return time.perf_counter() - start, model
+    return time.perf_counter() - start
 
 
 def _floor(models: List[str], files: Dict[str, Path], import_seconds: float) -> Dict[str, float]:
@@ -148,7 +147,7 @@ def main() -> None:
     print(f"{'model':<42}{'read s':>8}{'load s':>8}{'ratio':>7}")
     for name, path in files.items():
         read = min(_read_seconds(path) for _ in range(2))
-        load, _ = _load_seconds(name)
+        load = _load_seconds(name)
         print(f'{name:<42}{read:>8.3f}{load:>8.3f}{load / read:>6.2f}x', flush=True)
 
     env = {'T2T_VIZ_MODELS': ','.join(args.models), 'T2T_VIZ_OFFLINE': '1', 'T2T_VIZ_CHECKPOINTS': str(folder)}

@@ -44,16 +44,12 @@ reuse_freed_memory()
 options = dict(dtype=torch.float16, max_side=128) if mode == 'app' else dict(keep_maps=False)
 image = Image.fromarray(data.astronaut())
 baseline = rss()
+estimate = rollout_estimate(name, size, -1) if mode == 'rollout' else memory_estimate(name, size, 1, **options)
+loaded = zoo.load(name, img_size=size, device='cpu', allow_download=False)
+start = time.perf_counter()
 if mode == 'rollout':
-    estimate = rollout_estimate(name, size, -1)
-    loaded = zoo.load(name, img_size=size, device='cpu', allow_download=False)
-    x = preprocess(image, loaded.data_config)
-    start = time.perf_counter()
-    result = attention_rollout(loaded.model, x)
+    result = attention_rollout(loaded.model, preprocess(image, loaded.data_config))
 else:
-    estimate = memory_estimate(name, size, 1, **options)
-    loaded = zoo.load(name, img_size=size, device='cpu', allow_download=False)
-    start = time.perf_counter()
     result = inspect_images(loaded, [image], **options)[0]
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -8,8 +8,8 @@ Resolution order for every model, reported as a :class:`WeightsInfo`:
 
 A model whose weights come from a file is built on the meta device and the file's tensors are assigned
 to it (mapped from zip-format files, not copied), so no time goes into a random initialisation that the
-weights would overwrite. Before anything is
-built, the model's size is counted on the meta device and a model that would not fit is refused.
+weights would overwrite. Before anything is built, the model's size is counted on the meta device and a
+model that would not fit is refused.
 """
 from __future__ import annotations
 

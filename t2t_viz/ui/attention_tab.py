@@ -5,7 +5,7 @@ fused attention, its logits and every other map stay as they are.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import plotly.graph_objects as go
@@ -108,13 +108,12 @@ def render(results: Dict[str, ModelResult], settings: Settings, img_size: int) -
     st.caption('Recomputed exactly from the captured input of the chosen block (the forward pass keeps its fused '
                'attention); rollout: Abnar & Zuidema (2020), 0.5 A + 0.5 I per block.')
     if source == BACKBONE:
-        _backbone(loaded, x, seen, base_key, lambda last: rollout_fits(name, img_size, last, settings.device))
+        _backbone(loaded, x, seen, base_key, settings.device)
     else:
         _t2t_layer(loaded, x, seen, base_key, T2T_LAYERS[source])
 
 
-def _backbone(loaded: zoo.LoadedModel, x: torch.Tensor, seen: Image.Image, base_key: Tuple,
-              rollout_fits_through: Callable[[int], None]) -> None:
+def _backbone(loaded: zoo.LoadedModel, x: torch.Tensor, seen: Image.Image, base_key: Tuple, device: str) -> None:
     depth = len(loaded.model.blocks)
     controls = st.columns(2)
     block = controls[0].slider('Block', 1, depth, min(5, depth), key='at_block')
@@ -128,7 +127,7 @@ def _backbone(loaded: zoo.LoadedModel, x: torch.Tensor, seen: Image.Image, base_
     _show_maps(maps, seen, f'block {block}, from the {label}', f'attention_block{block}')
     if st.checkbox(f'Attention rollout through blocks 1 to {block}', key='at_rollout'):
         try:
-            rollout_fits_through(block - 1)
+            rollout_fits(loaded.request, loaded.img_size, block - 1, device)
         except memory.InsufficientMemory as e:
             st.error(str(e))
             return

@@ -132,7 +132,8 @@ def _band_chart(series, column: str, title: str, log: bool = False) -> go.Figure
 def _heatmap(job: DatasetJob, model: str, procedure: str) -> Tuple[go.Figure, List[Tuple[str, str]]]:
     layers = job.run.counter.layers(model, procedure)
     labels = [f'{counts.label} ({name})' for name, counts in layers]
-    figure = go.Figure(go.Heatmap(z=job.run.counter.frequency_matrix(model, procedure).numpy(), y=labels, colorscale='Reds', zmin=0, zmax=1,
+    frequency = job.run.counter.frequency_matrix(model, procedure).numpy()  # (layers, channels), NaN padded
+    figure = go.Figure(go.Heatmap(z=frequency, y=labels, colorscale='Reds', zmin=0, zmax=1,
                                   colorbar=dict(title='dead in'),
                                   hovertemplate='layer %{y}<br>channel %{x}<br>'
                                                 'dead in %{z:.0%} of images<extra></extra>'))
@@ -158,8 +159,9 @@ def _channel_examples(job: DatasetJob, settings: Settings, model: str, procedure
         pictures.append(map_picture(layer.fmap[channel], 160))
         column.image(pictures[-1], caption=f'{example.name}: channel {channel} ({state})')
     if pictures:
-        st.download_button('Download these maps', data=lambda: png_bytes(side_by_side(pictures)), file_name=f'{model}_{layer_label}_'
-                           f'channel{channel}.png', mime='image/png', key='ds_examples_png', on_click='ignore')
+        st.download_button('Download these maps', data=lambda: png_bytes(side_by_side(pictures)),
+                           file_name=f'{model}_{layer_label}_channel{channel}.png', mime='image/png',
+                           key='ds_examples_png', on_click='ignore')
 
 
 def _results(job: DatasetJob, settings: Settings) -> None:
