@@ -8,11 +8,13 @@ Resolution order for every model, reported as a :class:`WeightsInfo`:
 
 A model whose weights come from a file is built on the meta device and the file's tensors are assigned
 to it (mapped from zip-format files, not copied), so no time goes into a random initialisation that the
-weights would overwrite. Before anything is built, the model's size is counted on the meta device and a
-model that would not fit is refused.
+weights would overwrite; the modules themselves are built once and then unpickled (:mod:`skeletons`).
+Before anything is built, the model's size is counted on the meta device and a model that would not fit
+is refused.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -20,16 +22,17 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 import timm
 import torch
 import torch.nn as nn
 from timm.data import resolve_data_config
+from torch.nn.modules.batchnorm import _NormBase
 from torch.overrides import TorchFunctionMode
 
-from . import downloads, memory
+from . import downloads, memory, skeletons
 from .images import ImageError
 from .models import CheckpointError, read_checkpoint
 
@@ -218,13 +221,20 @@ def check_name(name: str) -> None:
         raise WeightsError(f'unknown model {name!r} (not in timm and not a T2T-ViT variant)')
 
 
+def _build_on_meta(arch: str, tag: str, img_size: Optional[int]) -> nn.Module:
+    with _on_meta():
+        return _create(arch, tag, False, img_size).eval()
+
+
 def build_on_meta(name: str, img_size: Optional[int] = None) -> nn.Module:
-    """The model's modules with shapes but no data (no memory, no initialisation), in eval mode."""
+    """The model's modules with shapes but no data (no memory, no initialisation), in eval mode.
+
+    A new model at every call; built once per code version and then unpickled (see :mod:`skeletons`).
+    """
     check_name(name)
     arch, tag = split_name(name)
     size = img_size if img_size and _supports_img_size(arch) else None
-    with _on_meta():
-        return _create(arch, tag, False, size).eval()
+    return skeletons.load_or_build(f'{name}|{size}', functools.partial(_build_on_meta, arch, tag, size))
 
 
 def _module_filter(model: nn.Module) -> Optional[Callable]:
@@ -241,18 +251,83 @@ def _plain_state_dict(checkpoint: dict) -> dict:
             for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
 
 
-def _assign_file(model: nn.Module, path: str) -> nn.Module:
-    """Load ``path`` into a meta-device ``model`` by assignment; refuses a file that leaves anything unset."""
-    checkpoint = read_checkpoint(path, mmap=True)  # assigned as they are: no copy into the heap
-    filter_fn = _module_filter(model)
-    state_dict = filter_fn(checkpoint, model) if filter_fn else _plain_state_dict(checkpoint)
-    expected = model.state_dict()
-    state_dict = {k: v.to(expected[k].dtype) if k in expected and v.is_floating_point() else v
-                  for k, v in state_dict.items()}
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    unset = [n for n, t in _named_tensors(model) if t.is_meta]
+_PLAIN_LOADERS = (nn.Module._load_from_state_dict, _NormBase._load_from_state_dict)
+
+
+def _loads_plainly(module: nn.Module) -> bool:
+    """Whether ``load_state_dict`` would do no more for this module than assign its own tensors."""
+    kind = type(module)
+    return (kind._load_from_state_dict in _PLAIN_LOADERS and kind.set_extra_state is nn.Module.set_extra_state
+            and not module._load_state_dict_pre_hooks and not module._load_state_dict_post_hooks)
+
+
+def _assign(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(state_dict, strict=True, assign=True)``, with floating-point tensors cast to the
+    model's dtypes; refuses a file that leaves a tensor unset.
+
+    Done here for models whose modules only hold tensors: torch matches every module's prefix against
+    every key, which was a quarter of ResNet50's load. Models with load hooks or extra state go through torch.
+    """
+    modules = dict(model.named_modules(remove_duplicate=False))  # a shared module is loaded under each name
+    if torch.__future__.get_swap_module_params_on_conversion() or not all(map(_loads_plainly, modules.values())):
+        unset = _assign_by_torch(model, state_dict)
+    else:
+        unset = _assign_plainly(modules, state_dict)
     if unset:
         raise _NotAssignable(f'{len(unset)} tensors are not in the file, e.g. {unset[0]}')
+
+
+def _assign_by_torch(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> List[str]:
+    expected = dict(_named_tensors(model))
+    model.load_state_dict({k: v.to(expected[k].dtype) if k in expected and v.is_floating_point() else v
+                           for k, v in state_dict.items()}, strict=True, assign=True)
+    return [n for n, t in _named_tensors(model) if t.is_meta]
+
+
+def _assign_plainly(modules: Dict[str, nn.Module], state_dict: Dict[str, torch.Tensor]) -> List[str]:
+    """Assign each module's parameters and persistent buffers; returns the non-persistent buffers left unset.
+
+    A state dict's version metadata is not read: a BatchNorm without its batch counter gets 0, as torch
+    gives files from before the counter existed.
+    """
+    remaining = dict(state_dict)
+    missing, wrong_shape, unset = [], [], []
+    for module_name, module in modules.items():
+        prefix = f'{module_name}.' if module_name else ''
+        if isinstance(module, _NormBase) and module.track_running_stats:
+            remaining.setdefault(f'{prefix}num_batches_tracked', torch.tensor(0, dtype=torch.long))
+        unset += [prefix + n for n, b in module._buffers.items()
+                  if n in module._non_persistent_buffers_set and b is not None and b.is_meta]
+        persistent = ((n, b) for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set)
+        for name, current in (*module._parameters.items(), *persistent):
+            if current is None:
+                continue
+            key = prefix + name
+            value = remaining.pop(key, None)
+            if value is None:
+                missing.append(key)
+            elif value.shape != current.shape:
+                wrong_shape.append(f'{key} is {tuple(value.shape)} in the file, {tuple(current.shape)} in the model')
+            else:
+                if value.dtype != current.dtype and value.is_floating_point():
+                    value = value.to(current.dtype)
+                if isinstance(current, nn.Parameter):
+                    module._parameters[name] = nn.Parameter(value, requires_grad=current.requires_grad)
+                else:
+                    module._buffers[name] = value
+    problems = [f'{len(missing)} tensors missing (e.g. {missing[0]})'] if missing else []
+    problems += [f'{len(remaining)} not in the model (e.g. {next(iter(remaining))})'] if remaining else []
+    problems += [f'{len(wrong_shape)} of another shape (e.g. {wrong_shape[0]})'] if wrong_shape else []
+    if problems:
+        raise ValueError('; '.join(problems))
+    return unset
+
+
+def _assign_file(model: nn.Module, path: str) -> nn.Module:
+    """Load ``path`` into a meta-device ``model`` by assignment (see :func:`_assign`)."""
+    checkpoint = read_checkpoint(path, mmap=True)  # assigned as they are: no copy into the heap
+    filter_fn = _module_filter(model)
+    _assign(model, filter_fn(checkpoint, model) if filter_fn else _plain_state_dict(checkpoint))
     return model
 
 
@@ -266,7 +341,9 @@ class _NotAssignable(Exception):
 
 
 def _create_from_file(arch: str, tag: str, img_size: Optional[int], path: str, meta_model: nn.Module) -> nn.Module:
-    """Build with the weights of a local file (checkpoint folder, --checkpoint or timm's cache); errors name it.
+    """Build, in eval mode, with the weights of a local file (checkpoint folder, --checkpoint or timm's cache).
+
+    Errors name the file.
 
     ``meta_model`` is the same model built on the meta device; it is consumed.
     """
@@ -279,7 +356,7 @@ def _create_from_file(arch: str, tag: str, img_size: Optional[int], path: str, m
         overlay = dict(file=path)
         if path.endswith('.npz') and arch.startswith('vit_'):
             overlay['custom_load'] = True  # original big_vision / jax .npz: timm's own reader
-        return _create(arch, tag, True, img_size, pretrained_cfg_overlay=overlay)
+        return _create(arch, tag, True, img_size, pretrained_cfg_overlay=overlay).eval()
     except CheckpointError as e:
         raise WeightsError(str(e)) from e
     except Exception as e:  # noqa: BLE001 - torch, timm and safetensors raise many kinds for a bad file
@@ -341,9 +418,10 @@ def load(
         model = _create_from_file(arch, tag, size, weights.location, meta_model)
     else:
         with _build_lock:
-            model = _create(arch, tag, False, size)
+            model = _create(arch, tag, False, size).eval()
         _logger.info('%s: %s', name, weights.describe())
-    model = model.eval().to(torch_device)
+    if torch_device.type != 'cpu':  # every path builds on the CPU
+        model = model.to(torch_device)
     data_config = resolve_data_config(model=model)
     if img_size:
         data_config['input_size'] = (3, img_size, img_size)

@@ -15,6 +15,14 @@ def own_cache_dir(tmp_path_factory):
     os.environ['T2T_VIZ_CACHE_DIR'] = str(tmp_path_factory.mktemp('cache'))
 
 
+@pytest.fixture
+def empty_cache_dir(tmp_path, monkeypatch):
+    """A cache folder of this test alone: no model skeleton or estimate kept by earlier tests."""
+    folder = tmp_path / 'cache'
+    monkeypatch.setenv('T2T_VIZ_CACHE_DIR', str(folder))
+    return folder
+
+
 @pytest.fixture(scope='session')
 def chelsea():
     from PIL import Image

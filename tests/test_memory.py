@@ -105,7 +105,7 @@ def test_the_trio_at_2048_fits_on_a_24_gib_machine():
                           available=2**30)
 
 
-def test_model_too_large_is_refused_before_it_is_built(monkeypatch):
+def test_model_too_large_is_refused_before_it_is_built(monkeypatch, empty_cache_dir):
     built = []
     original = zoo._create
 

@@ -84,8 +84,67 @@ def test_loading_by_assignment_gives_the_logits_of_the_ordinary_path(tmp_path, n
         torch.testing.assert_close(loaded.model(x), _ordinary(name, path)(x), rtol=0, atol=0)
 
 
+def _real_state_dict(model: torch.nn.Module, keep_batch_counters: bool = True) -> dict:
+    torch.manual_seed(4)
+    return {k: torch.randn(v.shape) if v.is_floating_point() else torch.full(v.shape, 7, dtype=v.dtype)
+            for k, v in model.state_dict().items() if keep_batch_counters or not k.endswith('num_batches_tracked')}
+
+
+def _assigned(model: torch.nn.Module, state_dict: dict) -> dict:
+    """Per tensor: its kind, and whether it is the state dict's own tensor (else its value)."""
+    return {k: (type(v), v.requires_grad, v.dtype, v.shape,
+                v.data_ptr() == state_dict[k].data_ptr() if k in state_dict else v.tolist())
+            for k, v in [*model.named_parameters(), *model.named_buffers()]}
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'vit_tiny_patch16_224', 't2t_vit_7', 'efficientnet_b0', 'convnext_atto'])
+@pytest.mark.parametrize('keep_batch_counters', [True, False])
+def test_assignment_does_what_torch_load_state_dict_does(name, keep_batch_counters):
+    """Parameters stay parameters, buffers buffers, tensors are the file's own; files from before batch
+    counters existed get zero, as in torch."""
+    ours, torchs = zoo.build_on_meta(name), zoo.build_on_meta(name)
+    assert all(map(zoo._loads_plainly, ours.modules()))  # assigned by t2t-viz, not handed to torch
+    state_dict = _real_state_dict(ours, keep_batch_counters)
+    zoo._assign(ours, state_dict)
+    torchs.load_state_dict(state_dict, strict=True, assign=True)
+    assert _assigned(ours, state_dict) == _assigned(torchs, state_dict)
+    counters = [int(b) for n, b in ours.named_buffers() if n.endswith('num_batches_tracked')]
+    assert set(counters) <= {7 if keep_batch_counters else 0}
+
+
+def test_files_that_do_not_fit_the_model_are_refused_with_what_is_wrong(tmp_path):
+    state_dict = _real_state_dict(zoo.build_on_meta('resnet18'))
+    del state_dict['fc.weight']
+    state_dict['head.weight'] = torch.zeros(1)
+    state_dict['conv1.weight'] = torch.zeros(64, 3, 3, 3)
+    torch.save(state_dict, tmp_path / 'resnet18.pth')
+    with pytest.raises(zoo.WeightsError, match=r'resnet18.pth: not usable weights for resnet18 \(1 tensors missing '
+                                               r'\(e.g. fc.weight\); 1 not in the model \(e.g. head.weight\); 1 of '
+                                               r'another shape \(e.g. conv1.weight is \(64, 3, 3, 3\) in the file, '
+                                               r'\(64, 3, 7, 7\) in the model\)\)'):
+        zoo.load('resnet18', device='cpu', checkpoint_dir=tmp_path)
+
+
+def test_modules_with_load_hooks_are_loaded_by_torch():
+    class FileNamesItW(torch.nn.Linear):
+        """Its files call the weight ``w``: a load hook renames it, which only torch's loading runs."""
+
+        def __init__(self):
+            super().__init__(2, 3, device='meta')
+            self._register_load_state_dict_pre_hook(self._rename)
+
+        @staticmethod
+        def _rename(state_dict, prefix, *args):
+            state_dict[f'{prefix}weight'] = state_dict.pop(f'{prefix}w')
+
+    model = torch.nn.Sequential(FileNamesItW())
+    weight, bias = torch.randn(3, 2), torch.randn(3)
+    zoo._assign(model, {'0.w': weight, '0.bias': bias})
+    assert torch.equal(model[0].weight, weight) and torch.equal(model[0].bias, bias)
+
+
 @pytest.mark.parametrize('name', ['resnet18', 't2t_vit_7'])
-def test_building_on_meta_runs_no_initialisation(name, aten_ops):
+def test_building_on_meta_runs_no_initialisation(name, aten_ops, empty_cache_dir):
     """No in-place write reaches a kernel, also from torch.nn.init (which passes its tensor by keyword)."""
     with aten_ops() as ops:
         model = zoo.build_on_meta(name)
