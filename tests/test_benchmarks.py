@@ -61,9 +61,13 @@ def test_memory_estimate_against_measured_rss():
 @needs_chromium
 def test_cold_start(tmp_path):
     out = _run_benchmark('cold_start', '--models', 'resnet18', 't2t_vit_7', '--checkpoints', str(tmp_path),
-                         '--later-starts', '1')
+                         '--later-starts', '1', '--load-rounds', '1')
     assert (tmp_path / '71.7_T2T_ViT_7.pth.tar').exists() and (tmp_path / 'resnet18.safetensors').exists()
-    assert re.search(r'^t2t_vit_7\s+[\d.]+\s+[\d.]+\s+[\d.]+x$', out, re.M), out
+    ratios = r'\s+[\d.]+\s+[\d.]+\s+[\d.]+x\s+[\d.]+\s+[\d.]+x$'  # read, first load and ratio, best and ratio
+    for skeleton in ('built', 'unpickled'):
+        assert re.search(rf'^t2t_vit_7\s+{skeleton}{ratios}', out, re.M), out
+    summary = r'^resnet18, skeleton unpickled: median [\d.]+x the read for the first load, [\d.]+x for the best'
+    assert re.search(summary, out, re.M), out
     floor = r'floor = import [\d.]+ s .* = [\d.]+ s; [\d.]+x'
     assert re.search(r'^first start: server start .* [\d.]+ s; ' + floor, out, re.M), out
     assert re.search(r'^later starts: median [\d.]+x the floor', out, re.M), out
