@@ -165,7 +165,8 @@ def test_shape_mismatch_is_listed(tmp_path):
     sd['blocks.0.mlp.fc1.weight'] = torch.zeros(3, 3)
     path = tmp_path / 'bad_shape.pth'
     torch.save(sd, path)
-    with pytest.raises(CheckpointError, match=r'shape mismatch 1: blocks.0.mlp.fc1.weight \(3, 3\) vs model \(512, 256\)'):
+    mismatch = r'shape mismatch 1: blocks.0.mlp.fc1.weight \(3, 3\) vs model \(512, 256\)'
+    with pytest.raises(CheckpointError, match=mismatch):
         timm.create_model('t2t_vit_7', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
 
 
