@@ -294,8 +294,9 @@ def _assign_plainly(modules: Dict[str, nn.Module], state_dict: Dict[str, torch.T
     missing, wrong_shape, unset = [], [], []
     for module_name, module in modules.items():
         prefix = f'{module_name}.' if module_name else ''
-        if isinstance(module, _NormBase) and module.track_running_stats:
-            remaining.setdefault(f'{prefix}num_batches_tracked', torch.tensor(0, dtype=torch.long))
+        counter = f'{prefix}num_batches_tracked'
+        if isinstance(module, _NormBase) and module.track_running_stats and counter not in remaining:
+            remaining[counter] = torch.tensor(0, dtype=torch.long)
         unset += [prefix + n for n, b in module._buffers.items()
                   if n in module._non_persistent_buffers_set and b is not None and b.is_meta]
         persistent = ((n, b) for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set)
