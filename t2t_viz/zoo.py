@@ -297,13 +297,14 @@ def _assign_plainly(modules: Dict[str, nn.Module], state_dict: Dict[str, torch.T
         counter = f'{prefix}num_batches_tracked'
         if isinstance(module, _NormBase) and module.track_running_stats and counter not in remaining:
             remaining[counter] = torch.tensor(0, dtype=torch.long)
-        unset += [prefix + n for n, b in module._buffers.items()
-                  if n in module._non_persistent_buffers_set and b is not None and b.is_meta]
-        persistent = ((n, b) for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set)
-        for name, current in (*module._parameters.items(), *persistent):
+        for name, current in (*module._parameters.items(), *module._buffers.items()):
             if current is None:
                 continue
             key = prefix + name
+            if name in module._non_persistent_buffers_set:  # not in files: set by the module itself
+                if current.is_meta:
+                    unset.append(key)
+                continue
             value = remaining.pop(key, None)
             if value is None:
                 missing.append(key)
