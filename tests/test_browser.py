@@ -1,4 +1,5 @@
 """One real-browser test: plain `streamlit run app.py` driven by headless Chromium through Playwright."""
+import contextlib
 import csv
 import io
 import os
@@ -27,16 +28,22 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def server(tmp_path):
+def server_log(tmp_path) -> Path:
+    return tmp_path / 'server.log'
+
+
+@pytest.fixture
+def server(tmp_path, server_log):
     if not os.path.exists(CHROMIUM):
         pytest.skip('Debian chromium is not installed (scripts/run_tests.sh installs it)')
     port = _free_port()
     env = {**os.environ, 'T2T_VIZ_MODELS': ','.join(MODELS), 'T2T_VIZ_OFFLINE': '1',
            'T2T_VIZ_CHECKPOINTS': str(tmp_path / 'checkpoints')}
     # the plain command of the README (settings from .streamlit/config.toml), on a free local port
+    log = open(server_log, 'w')
     process = subprocess.Popen(
         [sys.executable, '-m', 'streamlit', 'run', 'app.py', '--server.headless', 'true', '--server.port', str(port),
-         '--server.address', '127.0.0.1'], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         '--server.address', '127.0.0.1'], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
@@ -47,6 +54,25 @@ def server(tmp_path):
     yield f'http://127.0.0.1:{port}'
     process.terminate()
     process.wait(timeout=20)
+    log.close()
+
+
+@contextlib.contextmanager
+def _explained(page, server_log: Path):
+    """On a failure, save a screenshot and add what the page showed and what the server logged."""
+    try:
+        yield
+    except Exception as e:
+        page.screenshot(path=str(SCREENSHOTS / 'failure.png'), full_page=True)
+        shown = page.locator('body').inner_text(timeout=10_000)[-3000:]
+        logged = server_log.read_text()[-5000:]
+        raise AssertionError(f'{e}\n--- the page showed:\n{shown}\n--- the server logged:\n{logged}') from e
+
+
+def _idle(page) -> None:
+    """Wait until the app's script has finished running (Streamlit's running indicator is gone)."""
+    page.wait_for_timeout(300)  # the indicator appears shortly after a rerun starts
+    page.locator('[data-testid="stStatusWidgetRunningIcon"]').wait_for(state='detached', timeout=120_000)
 
 
 def _download(page, name: str) -> str:
@@ -55,7 +81,7 @@ def _download(page, name: str) -> str:
     return Path(download_info.value.path()).read_text()
 
 
-def test_upload_grid_stages_csv_and_dataset_mode(server, chelsea, tmp_path):
+def test_upload_grid_stages_csv_and_dataset_mode(server, server_log, chelsea, tmp_path):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     image_path = tmp_path / 'cat.png'
     chelsea.save(image_path)
@@ -70,33 +96,36 @@ def test_upload_grid_stages_csv_and_dataset_mode(server, chelsea, tmp_path):
             '--disable-background-networking', '--disable-component-update', '--disable-sync'])
         page = browser.new_page(viewport={'width': 1400, 'height': 1000}, accept_downloads=True)
         page.goto(server)
-        # the uploader is on the first screen: drop the file without any other click
-        page.locator('[data-testid="stSidebar"] input[type="file"]').set_input_files(str(image_path))
-        page.get_by_role('tab', name='Feature maps').wait_for(timeout=180_000)
-        page.locator('[data-testid="stImage"] img').first.wait_for(timeout=180_000)
-        page.get_by_text('cat.png').first.wait_for(timeout=30_000)
-        page.screenshot(path=str(SCREENSHOTS / 'feature_maps.png'), full_page=True)
+        with _explained(page, server_log):
+            # the uploader is on the first screen: drop the file without any other click
+            page.locator('[data-testid="stSidebar"] input[type="file"]').set_input_files(str(image_path))
+            page.get_by_role('tab', name='Feature maps').wait_for(timeout=180_000)
+            page.locator('[data-testid="stImage"] img').first.wait_for(timeout=180_000)
+            page.get_by_text('Results for cat.png').wait_for(timeout=180_000)
+            _idle(page)
+            page.screenshot(path=str(SCREENSHOTS / 'feature_maps.png'), full_page=True)
 
-        for tab in ('Compare', 'Procedures', 'T2T stages', 'Norms & massive', 'Dead channels', 'Predictions'):
-            page.get_by_role('tab', name=tab).click()
-            page.wait_for_timeout(2500)
-            page.screenshot(path=str(SCREENSHOTS / f"{tab.lower().replace(' ', '_').replace('&', 'and')}.png"),
-                            full_page=True)
-            if tab == 'T2T stages':
-                text = page.locator('p', has_text='Tokens:').first.inner_text(timeout=60_000)
-                assert '3136' in text and '784' in text and '196' in text
-            if tab == 'Dead channels':
-                single = _download(page, 'Download CSV')
+            for tab in ('Compare', 'Procedures', 'T2T stages', 'Norms & massive', 'Dead channels', 'Predictions'):
+                page.get_by_role('tab', name=tab).click(timeout=60_000)
+                page.locator('[role="tab"][aria-selected="true"]', has_text=tab).wait_for(timeout=30_000)
+                _idle(page)
+                page.screenshot(path=str(SCREENSHOTS / f"{tab.lower().replace(' ', '_').replace('&', 'and')}.png"),
+                                full_page=True)
+                if tab == 'T2T stages':
+                    text = page.locator('p', has_text='Tokens:').first.inner_text(timeout=60_000)
+                    assert '3136' in text and '784' in text and '196' in text
+                if tab == 'Dead channels':
+                    single = _download(page, 'Download CSV')
 
-        page.get_by_role('link', name='Dataset statistics').click()
-        page.locator('[data-testid="stMain"] input[type="file"]').set_input_files(
-            [str(path) for path in batch] + [str(tmp_path / 'broken.png')])
-        page.get_by_role('button', name='Run').click()
-        page.get_by_text('3 images through 3 model(s)').wait_for(timeout=180_000)
-        page.get_by_text('broken.png').first.wait_for(timeout=10_000)
-        page.screenshot(path=str(SCREENSHOTS / 'dataset.png'), full_page=True)
-        per_image = _download(page, 'Download per-image CSV')
-        per_channel = _download(page, 'Download per-channel CSV')
+            page.get_by_role('link', name='Dataset statistics').click()
+            page.locator('[data-testid="stMain"] input[type="file"]').set_input_files(
+                [str(path) for path in batch] + [str(tmp_path / 'broken.png')])
+            page.get_by_role('button', name='Run').click()
+            page.get_by_text('3 images through 3 model(s)').wait_for(timeout=180_000)
+            page.get_by_text('broken.png').first.wait_for(timeout=10_000)
+            page.screenshot(path=str(SCREENSHOTS / 'dataset.png'), full_page=True)
+            per_image = _download(page, 'Download per-image CSV')
+            per_channel = _download(page, 'Download per-channel CSV')
         browser.close()
 
     rows = list(csv.DictReader(io.StringIO(single)))
