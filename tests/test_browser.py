@@ -63,8 +63,11 @@ def _explained(page, server_log: Path):
     try:
         yield
     except Exception as e:
-        page.screenshot(path=str(SCREENSHOTS / 'failure.png'), full_page=True)
-        shown = page.locator('body').inner_text(timeout=10_000)[-3000:]
+        try:
+            page.screenshot(path=str(SCREENSHOTS / 'failure.png'), full_page=True)
+            shown = page.locator('body').inner_text(timeout=10_000)[-3000:]
+        except Exception as unreadable:  # a crashed page: the server's log may still say why
+            shown = f'(not readable: {unreadable})'
         logged = server_log.read_text()[-5000:]
         raise AssertionError(f'{e}\n--- the page showed:\n{shown}\n--- the server logged:\n{logged}') from e
 
