@@ -177,9 +177,10 @@ def main() -> None:
                     print(f'{name:<42}{skeleton:<10}{read:>8.3f}{first:>11.3f}{first / read:>6.2f}x'
                           f'{best:>12.3f}{best / read:>6.2f}x', flush=True)
                 later.append((first / read, best / read))
-        first_ratio, best_ratio = (statistics.median(ratios) for ratios in zip(*later))
-        print(f'{name}, skeleton unpickled: median {first_ratio:.2f}x the read for the first load, '
-              f'{best_ratio:.2f}x for the best of two (goal <= 1.5x)', flush=True)
+        if later:
+            first_ratio, best_ratio = (statistics.median(ratios) for ratios in zip(*later))
+            print(f'{name}, skeleton unpickled: median {first_ratio:.2f}x the read for the first load, '
+                  f'{best_ratio:.2f}x for the best of two (goal <= 1.5x)', flush=True)
 
     env = {'T2T_VIZ_MODELS': ','.join(args.models), 'T2T_VIZ_OFFLINE': '1', 'T2T_VIZ_CHECKPOINTS': str(folder)}
     later = []
