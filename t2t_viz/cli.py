@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, TextIO
 
@@ -15,9 +16,9 @@ from .allocator import reuse_freed_memory
 from .capture import REAL_FORWARD
 from .figure import DEFAULT_CHANNELS, DEFAULT_SIZE, Panel, compose, figure_layers, heading_for
 from .images import ImageError, find_images, load_image, preprocess
-from .memory import InsufficientMemory, available_bytes, format_bytes
+from .memory import InsufficientMemory, available_bytes, cache_dir, format_bytes
 from .models import T2TViT
-from .pipeline import DISPLAY_SIDE, ModelResult, inspect_images, layer_labels, memory_estimate
+from .pipeline import DISPLAY_SIDE, ModelResult, display_estimate, inspect_images, layer_labels, memory_estimate
 from .procedures import PAPER_NOTEBOOK, PROCEDURES
 from .render import channel_grid, norm_image, order_channels, pca_image, save_png, upscale
 from .dataset import Failure, NamedImage, StatsRun, fitting_batch
@@ -280,6 +281,29 @@ def _cmd_weights(args: argparse.Namespace, out: TextIO) -> int:
     return 1 if failed else 0
 
 
+def _cmd_prepare(args: argparse.Namespace, out: TextIO) -> int:
+    """Do once what a server's first start would: build each model's skeleton and trace the memory estimate
+    of its first run, both kept in the cache folder (as pip compiles .pyc files when it installs)."""
+    try:
+        zoo.check_input_size(args.img_size)
+    except ImageError as e:
+        raise UserError(str(e)) from e
+    failed = 0
+    for name in args.model or zoo.PRESETS[zoo.DEFAULT_PRESET]:
+        start = time.perf_counter()
+        try:
+            zoo.build_on_meta(name, args.img_size)
+            display_estimate(name, args.img_size)
+        except zoo.WeightsError as e:
+            out.write(f'{name:<44} {e}\n')
+            failed += 1
+            continue
+        out.write(f'{name:<44} skeleton and memory estimate at {args.img_size} ready '
+                  f'({time.perf_counter() - start:.1f} s)\n')
+    out.write(f'kept in {cache_dir()}\n')
+    return 1 if failed else 0
+
+
 def _cmd_app(args: argparse.Namespace, out: TextIO) -> int:
     """Serve the app with streamlit, with the settings of the repository's .streamlit/config.toml."""
     import subprocess
@@ -375,6 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_procedure_option(figure2, both=False)
     _add_picture_options(figure2)
     figure2.set_defaults(run=_cmd_figure2, cmap='gray')
+
+    prepare = commands.add_parser('prepare', help="do once what the app's first start would: build the models "
+                                  'and trace their memory estimates, kept for every later process')
+    prepare.add_argument('--model', action='append', help="repeatable; default: the app's first models (the paper's "
+                         'trio)')
+    prepare.add_argument('--img-size', type=int, default=224, help="the app's input size (default 224)")
+    prepare.set_defaults(run=_cmd_prepare)
 
     app = commands.add_parser('app', help='serve the app (streamlit) on http://localhost:8501')
     app.add_argument('streamlit_args', nargs=argparse.REMAINDER,

@@ -15,8 +15,8 @@ from .images import preprocess_batch
 from .stats import LayerSummary, Thresholds, layer_stats, summarize
 from .zoo import LoadedModel, WeightsInfo
 
-__all__ = ['ModelResult', 'inspect_images', 'run_batch', 'memory_estimate', 'rollout_estimate', 'layer_labels',
-           'top_k', 'DISPLAY_SIDE', 'DISPLAY_DTYPE']
+__all__ = ['ModelResult', 'inspect_images', 'run_batch', 'memory_estimate', 'display_estimate', 'rollout_estimate',
+           'layer_labels', 'top_k', 'DISPLAY_SIDE', 'DISPLAY_DTYPE']
 
 DISPLAY_SIDE = 128  # kept display maps are average-pooled to at most this many pixels a side
 DISPLAY_DTYPE = torch.float16  # display maps only: statistics are reduced from the full float32 maps
@@ -97,6 +97,14 @@ def memory_estimate(name: str, img_size: int, batch: int = 1, procedure: str = c
                              stop_early)))
     return _kept_estimate(key, lambda: _trace_estimate(name, img_size, batch, procedure, mlp_hidden, dtype, max_side,
                                                        keep_maps, layers, stop_early))
+
+
+def display_estimate(name: str, img_size: int, procedure: str = capture.REAL_FORWARD,
+                     layers: Optional[Tuple[str, ...]] = None) -> memory.MemoryEstimate:
+    """What the app's run of one image needs: display maps kept (``DISPLAY_DTYPE``, at most ``DISPLAY_SIDE``
+    pixels a side); ``layers`` limits the capture and stops the pass after the last."""
+    return memory_estimate(name, img_size, 1, procedure, dtype=DISPLAY_DTYPE, max_side=DISPLAY_SIDE, layers=layers,
+                           stop_early=layers is not None)
 
 
 def rollout_estimate(name: str, img_size: int, last_block: int) -> memory.MemoryEstimate:

@@ -1,4 +1,5 @@
-"""The Figure 2 composite, and the command line's procedures, picture modes and memory-aware batches."""
+"""The Figure 2 composite, and the command line's procedures, picture modes, memory-aware batches and
+`prepare`."""
 import csv
 
 import numpy as np
@@ -6,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from t2t_viz import memory
+from t2t_viz import memory, pipeline, zoo
 from t2t_viz.capture import Layer
 from t2t_viz.cli import main
 from t2t_viz.dataset import fitting_batch
-from t2t_viz.pipeline import memory_estimate
+from t2t_viz.pipeline import display_estimate, memory_estimate
 from t2t_viz.figure import Panel, compose, figure_layers
 from t2t_viz.render import DEAD_COLOR
 from t2t_viz.stats import summarize
@@ -101,3 +102,24 @@ def test_batch_shrinks_to_fit_memory_or_is_refused(cat, tmp_path, monkeypatch, c
     assert main(['stats', str(tmp_path), '--model', 't2t_vit_7', '--img-size', '448', '-o', str(out)]) == 0
     assert 'using batches of 2' in capsys.readouterr().err
     assert len(list(csv.DictReader(out.open()))) == 4 * 13
+
+
+def test_prepare_keeps_what_the_apps_first_start_needs(empty_cache_dir, monkeypatch, capsys):
+    assert main(['prepare', '--model', 'resnet18', '--model', 't2t_vit_7']) == 0
+    out = capsys.readouterr().out
+    assert 'resnet18' in out and 't2t_vit_7' in out and str(empty_cache_dir) in out
+
+    def not_again(*args, **kwargs):
+        raise AssertionError('built or traced again')
+
+    # what the app asks for on its first start (pages' estimate, then the load) is found, not made again
+    monkeypatch.setattr(zoo, '_build_on_meta', not_again)
+    monkeypatch.setattr(pipeline, '_trace_estimate', not_again)
+    for name in ('resnet18', 't2t_vit_7'):
+        assert display_estimate(name, 224).peak > 0
+        assert zoo.load(name, img_size=224, device='cpu', allow_download=False).model.training is False
+
+    assert main(['prepare', '--model', 'no_such_model', '--model', 'resnet18']) == 1
+    assert "unknown model 'no_such_model'" in capsys.readouterr().out
+    assert main(['prepare', '--img-size', '100']) == 2
+    assert 'multiple of 16' in capsys.readouterr().err

@@ -14,7 +14,7 @@ from PIL import Image
 
 from .. import memory, zoo
 from ..capture import REAL_FORWARD
-from ..pipeline import DISPLAY_DTYPE, DISPLAY_SIDE, ModelResult, inspect_images, memory_estimate, rollout_estimate
+from ..pipeline import DISPLAY_DTYPE, DISPLAY_SIDE, ModelResult, display_estimate, inspect_images, rollout_estimate
 from ..stats import Thresholds
 from ..store import ByteBudgetStore
 
@@ -46,11 +46,6 @@ def load_model(name: str, img_size: int, device: str) -> zoo.LoadedModel:
         name, img_size=img_size, device=device, allow_download=False, max_weight_bytes=shared.budget))
 
 
-def _run_estimate(name: str, img_size: int, procedure: str, layers: Optional[Tuple[str, ...]]):
-    return memory_estimate(name, img_size, 1, procedure, dtype=DISPLAY_DTYPE, max_side=DISPLAY_SIDE, layers=layers,
-                           stop_early=layers is not None)
-
-
 def preload(names: Sequence[str], img_size: int, device: str) -> None:
     """Start estimating and loading these models in the background, while the page draws its widgets.
 
@@ -60,7 +55,7 @@ def preload(names: Sequence[str], img_size: int, device: str) -> None:
     def work() -> None:
         for name in names:
             try:
-                _run_estimate(name, img_size, REAL_FORWARD, None)
+                display_estimate(name, img_size)
                 load_model(name, img_size, device)
             except Exception as e:  # noqa: BLE001 - reported where the model is used
                 _logger.debug('preloading %s: %s', name, e)
@@ -70,7 +65,7 @@ def preload(names: Sequence[str], img_size: int, device: str) -> None:
 
 def run_fits(name: str, img_size: int, procedure: str, layers: Optional[Tuple[str, ...]], device: str) -> None:
     """Raise InsufficientMemory when this run (and its model, if not loaded yet) would not fit now."""
-    estimate = _run_estimate(name, img_size, procedure, layers)
+    estimate = display_estimate(name, img_size, procedure, layers)
     needed = estimate.peak
     if store().get(_model_key(name, img_size, device)) is None:
         needed += estimate.weights
