@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 __all__ = ['MemoryEstimate', 'InsufficientMemory', 'LiveBytes', 'ReplayedByShape', 'EstimateStore', 'tensor_bytes',
            'module_bytes', 'measure_run', 'available_bytes', 'check_fits', 'format_bytes', 'cache_dir', 'code_version',
-           'INPUT_COPIES']
+           'replace_file', 'INPUT_COPIES']
 
 _logger = logging.getLogger(__name__)
 
@@ -219,6 +219,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get('T2T_VIZ_CACHE_DIR') or Path.home() / '.cache' / 't2t_viz').expanduser()
 
 
+def replace_file(path: Path, data: bytes, mode: int = 0o666) -> None:
+    """Write ``data`` to ``path`` in one step: other processes read the old file or the new one, never a
+    part. A new file gets ``mode`` (less the umask); the folder must exist."""
+    partial = path.with_name(f'{path.name}.{os.getpid()}.{threading.get_ident()}.part')
+    try:
+        with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), 'wb') as f:
+            f.write(data)
+        os.replace(partial, path)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
+
+
 class EstimateStore:
     """Estimates kept on disk between processes (a server's cold start need not trace its models again).
 
@@ -253,9 +266,7 @@ class EstimateStore:
             current = {k: v for k, v in entries.items() if k.startswith(self.code + '|')}  # drop old code's
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                partial = self.path.with_name(f'{self.path.name}.{os.getpid()}.part')
-                partial.write_text(json.dumps(current))
-                os.replace(partial, self.path)
+                replace_file(self.path, json.dumps(current).encode())
                 self._entries = current
             except OSError as e:  # a read-only home: estimates are then computed once per process
                 _logger.info('memory estimates not saved (%s)', e)

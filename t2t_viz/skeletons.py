@@ -16,14 +16,13 @@ import hashlib
 import logging
 import os
 import pickle
-import threading
 from pathlib import Path
 from typing import Callable, Optional
 
 import timm.layers
 import torch.nn as nn
 
-from .memory import cache_dir, code_version
+from .memory import cache_dir, code_version, replace_file
 
 __all__ = ['MAX_BYTES', 'load_or_build', 'folder']
 
@@ -91,15 +90,11 @@ def _write(path: Path, model: nn.Module) -> None:
     except Exception as e:  # noqa: BLE001 - e.g. a hook that is a local function cannot be pickled
         _logger.info('%s: skeleton not kept (%s)', type(model).__name__, e)
         return
-    partial = path.with_name(f'{path.name}.{os.getpid()}.{threading.get_ident()}.part')
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 'wb') as f:
-            f.write(data)
-        os.replace(partial, path)
+        replace_file(path, data, mode=0o600)
         _prune(path.parent)
     except OSError as e:  # a read-only home: models are then built every time
-        partial.unlink(missing_ok=True)
         _logger.info('%s: skeleton not kept (%s)', path, e)
 
 
