@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List
+from typing import Dict, Iterable, Iterator, List, Optional
 
 import timm
 import torch
@@ -103,12 +103,16 @@ print(json.dumps([min(reads), loads[0], min(loads)]))
 """
 
 
+def _in_fresh_process(code: str, arguments: List[str], env: Optional[Dict[str, str]] = None):
+    """What ``code``, run in a new Python process from the repository root, printed as JSON on its last line."""
+    output = subprocess.check_output([sys.executable, '-c', code, *arguments], text=True, cwd=ROOT, env=env)
+    return json.loads(output.strip().splitlines()[-1])
+
+
 def _read_and_load_in_fresh_process(name: str, path: Path, cache: str) -> List[float]:
     """In a new process with the cache folder ``cache``: the best of two reads of the file, then the first
     load of the model and the best of two (both best-of-two leave out the process's one-time costs)."""
-    env = dict(os.environ, T2T_VIZ_CACHE_DIR=cache)
-    output = subprocess.check_output([sys.executable, '-c', _LOAD_CODE, name, str(path)], text=True, cwd=ROOT, env=env)
-    return json.loads(output.strip().splitlines()[-1])
+    return _in_fresh_process(_LOAD_CODE, [name, str(path)], dict(os.environ, T2T_VIZ_CACHE_DIR=cache))
 
 
 def _floor(models: List[str], files: Dict[str, Path], import_seconds: float) -> Dict[str, float]:
@@ -140,9 +144,7 @@ print(json.dumps(_floor(models, dict(zip(models, files)), import_seconds)))
 
 
 def _floor_in_fresh_process(files: Dict[str, Path]) -> Dict[str, float]:
-    arguments = [str(item) for name, path in files.items() for item in (name, path)]
-    output = subprocess.check_output([sys.executable, '-c', _FLOOR_CODE, *arguments], text=True, cwd=ROOT)
-    return json.loads(output.strip().splitlines()[-1])
+    return _in_fresh_process(_FLOOR_CODE, [str(item) for name, path in files.items() for item in (name, path)])
 
 
 def _server_start_seconds(env: Dict[str, str]) -> float:
