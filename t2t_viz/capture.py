@@ -15,6 +15,7 @@ import contextvars
 import functools
 import re
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, List, Optional, Sequence, Tuple
 
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 from .models import T2TViT
 
 __all__ = ['Layer', 'Capture', 'Point', 'Recorder', 'run', 'layer_points', 'select_points', 't2t_module_points',
-           'pooled_size', 'model_device', 'hooked_pass', 'hook_owner', 'StopForward', 'FLOAT16_MAX', 'REAL_FORWARD']
+           'intermediate_points', 'intermediate_count', 'pooled_size', 'model_device', 'hooked_pass', 'hook_owner',
+           'StopForward', 'FLOAT16_MAX', 'REAL_FORWARD']
 
 REAL_FORWARD = 'real_forward'
 FLOAT16_MAX = 65504.0  # kept float16 maps are clamped to this magnitude instead of overflowing to inf
@@ -95,6 +97,8 @@ class Point:
     label: str
     to_map: Callable[[torch.Tensor], torch.Tensor]  # module output -> (B, C, H, W)
     written_later: bool = True  # False only where the model is known never to modify this output in place
+    prefix: int = 0  # leading tokens of a (B, N, C) output that are not on the grid (class, register tokens)
+    repeats_previous: bool = False  # the output may be the previous point's output itself, unchanged since
 
 
 def _host(tensor: torch.Tensor) -> str:
@@ -137,7 +141,12 @@ def hooked_pass(model: nn.Module, x: torch.Tensor, owner: object, hooks: Sequenc
 
 
 class Recorder:
-    """Turns outputs at known points into per-image layer records: reduced in place, kept as asked."""
+    """Turns outputs at known points into per-image layer records: reduced in place, kept as asked.
+
+    ``reduce(fmap, prefix)`` gets each image's full (C, H, W) map and its (P, C) prefix tokens (None for
+    points without them). A point known to repeat the previous point's output (a timm ResNet stage's output
+    is its last ReLU's output, untouched in between) reuses that reduction when it is the very same tensor.
+    """
 
     def __init__(self, points: Sequence[Point], dtype: torch.dtype = torch.float32, max_side: Optional[int] = None,
                  keep_maps: bool = True, reduce: Optional[Callable[[torch.Tensor], Any]] = None,
@@ -146,10 +155,22 @@ class Recorder:
         self.dtype, self.max_side, self.keep_maps, self.reduce = dtype, max_side, keep_maps, reduce
         self.progress, self.stop_after = progress, stop_after
         self.outputs: List[Tuple[Point, Tuple[int, int, int], Optional[torch.Tensor], List[Any]]] = []
+        self._last_reduced: Optional[Tuple[weakref.ref, List[Any]]] = None
+
+    def _reduced(self, point: Point, output: torch.Tensor, fmap: torch.Tensor) -> List[Any]:
+        if not self.reduce:
+            return [None] * fmap.shape[0]
+        last = self._last_reduced
+        if point.repeats_previous and last is not None and last[0]() is output:
+            return last[1]
+        prefix = output[:, :point.prefix] if point.prefix else None  # (B, P, C)
+        reduced = [self.reduce(fmap[i], None if prefix is None else prefix[i]) for i in range(fmap.shape[0])]
+        self._last_reduced = (weakref.ref(output), reduced)
+        return reduced
 
     def record(self, point: Point, output: torch.Tensor) -> None:
         fmap = point.to_map(output)  # (B, C, H, W)
-        reduced = [self.reduce(fmap[i]) for i in range(fmap.shape[0])] if self.reduce else [None] * fmap.shape[0]
+        reduced = self._reduced(point, output, fmap)
         kept = None
         if self.keep_maps:
             shares_output = fmap.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
@@ -200,17 +221,24 @@ def _identity_map(x: torch.Tensor) -> torch.Tensor:
 
 
 def _resnet_points(model: nn.Module) -> List[Point]:
+    """The stem ReLU, every main-path ReLU, and each stage's output right after the stage's last ReLU: the
+    order in which the forward pass produces them (``named_modules`` lists a stage before its blocks)."""
     written_later = not _is_standard_timm_resnet(model)
-    points = []
+    points: List[Point] = []
+    stage: Optional[Point] = None
     conv_number = 0
     for name, module in model.named_modules():
+        if stage is not None and not name.startswith(stage.module_name + '.'):
+            points.append(stage)  # the stage's modules are all listed: its output comes next
+            stage = None
         if isinstance(module, nn.ReLU) and (name == 'act1' or re.fullmatch(r'layer\d+\.\d+\.act\d+', name)):
             conv_number += 1  # every ReLU on the main path follows exactly one conv
             kind = 'stem' if name == 'act1' else 'relu'
             points.append(Point(name, kind, f'conv{conv_number}', _identity_map, written_later))
         elif re.fullmatch(r'layer\d+', name):
-            points.append(Point(name, 'stage', name, _identity_map, written_later))
-    # a stage's output fires after its last ReLU: the records come in forward execution order
+            stage = Point(name, 'stage', name, _identity_map, written_later, repeats_previous=not written_later)
+    if stage is not None:
+        points.append(stage)
     return points
 
 
@@ -234,8 +262,8 @@ def _vit_points(model: nn.Module, grid: Tuple[int, int], mlp_hidden: bool) -> Li
     for i in range(len(model.blocks)):
         if mlp_hidden:
             points.append(Point(f'blocks.{i}.mlp.act', 'mlp_hidden', f'block {i + 1} MLP',
-                                _tokens_to_map(grid, prefix)))
-        points.append(Point(f'blocks.{i}', 'block', f'block {i + 1}', _tokens_to_map(grid, prefix)))
+                                _tokens_to_map(grid, prefix), prefix=prefix))
+        points.append(Point(f'blocks.{i}', 'block', f'block {i + 1}', _tokens_to_map(grid, prefix), prefix=prefix))
     return points
 
 
@@ -268,8 +296,9 @@ def _t2t_points(model: T2TViT, height: int, width: int, mlp_hidden: bool) -> Lis
     points = t2t_module_points(model, height, width)
     for i in range(len(model.blocks)):
         if mlp_hidden:
-            points.append(Point(f'blocks.{i}.mlp.act', 'mlp_hidden', f'block {i + 1} MLP', _tokens_to_map(grid, 1)))
-        points.append(Point(f'blocks.{i}', 'block', f'block {i + 1}', _tokens_to_map(grid, 1)))
+            points.append(Point(f'blocks.{i}.mlp.act', 'mlp_hidden', f'block {i + 1} MLP', _tokens_to_map(grid, 1),
+                                prefix=1))
+        points.append(Point(f'blocks.{i}', 'block', f'block {i + 1}', _tokens_to_map(grid, 1), prefix=1))
     return points
 
 
@@ -329,15 +358,16 @@ def run(
         keep_maps: keep each map (else only ``reduce``'s results and shapes are kept).
         dtype: dtype of kept maps (``torch.float16`` halves them; values beyond its range are clamped).
         max_side: keep average-pooled copies no larger than this (for display; ``reduce`` sees full maps).
-        reduce: called on every full (C, H, W) map of every image inside the hook; its result is
-            ``Layer.stats``. It must not keep the map.
+        reduce: called as ``reduce(fmap, prefix)`` on every full (C, H, W) map of every image inside the hook,
+            with the (P, C) prefix tokens of token layers (else None); its result is ``Layer.stats``. It must
+            not keep the map.
         progress: called with (layers recorded, layers to record) as the pass goes.
         stop_early: stop the pass after the last requested layer (logits are then None).
     """
     B, _, height, width = x.shape
     points = layer_points(model, height, width, mlp_hidden)
     if points is None:
-        return _run_intermediates(model, x, dtype, keep_maps, reduce)
+        return _run_intermediates(model, x, dtype, max_side, layers, keep_maps, reduce, progress, stop_early)
     points = select_points(points, layers)
     modules = dict(model.named_modules())
     missing = [p.module_name for p in points if p.module_name not in modules]
@@ -350,19 +380,44 @@ def run(
     return recorder.captures(logits, x)
 
 
-def _run_intermediates(model: nn.Module, x: torch.Tensor, dtype: torch.dtype, keep_maps: bool,
-                       reduce: Optional[Callable[[torch.Tensor], Any]]) -> List[Capture]:
-    """Any other timm model: its own forward_intermediates gives the maps, forward_head the logits."""
+def intermediate_points(count: int) -> List[Point]:
+    """The layers of a model captured through timm's ``forward_intermediates``: its ``count`` stages."""
+    return [Point(f'intermediates.{i}', 'intermediate', f'stage {i + 1}', _identity_map) for i in range(count)]
+
+
+def intermediate_count(model: nn.Module) -> int:
+    """How many maps ``forward_intermediates`` returns for this model: one per entry of timm's feature_info."""
+    info = getattr(model, 'feature_info', None)
+    if not info:
+        raise ValueError(f'{type(model).__name__}: layers are known only after a forward pass')
+    return len(info)
+
+
+def _run_intermediates(model: nn.Module, x: torch.Tensor, dtype: torch.dtype, max_side: Optional[int],
+                       layers: Optional[Collection[str]], keep_maps: bool, reduce: Optional[Callable[..., Any]],
+                       progress: Optional[Callable[[int, int], None]], stop_early: bool) -> List[Capture]:
+    """Any other timm model: its own forward_intermediates gives the maps, forward_head the logits.
+
+    The options mean what they mean for hooked models; the maps arrive together when the pass ends, so
+    progress is reported then, and ``stop_early`` ends the pass after the last stage asked for.
+    """
     if not hasattr(model, 'forward_intermediates'):
         raise ValueError(f'{type(model).__name__} has no forward_intermediates and no known layer layout')
+    points = None if layers is None else select_points(intermediate_points(intermediate_count(model)), layers)
+    indices = None if points is None else [int(p.module_name.split('.')[1]) for p in points]
+    stop_early = stop_early and indices is not None
     with torch.inference_mode():
-        final, intermediates = model.forward_intermediates(x.to(model_device(model)))
-        logits = model.forward_head(final)
-    points = [Point(f'intermediates.{i}', 'intermediate', f'stage {i + 1}', _identity_map)
-              for i in range(len(intermediates))]
-    recorder = Recorder(points, dtype, None, keep_maps, reduce)
-    for point, output in zip(points, intermediates):
-        recorder.record(point, output)
+        output = model.forward_intermediates(x.to(model_device(model)), indices=indices, stop_early=stop_early,
+                                             intermediates_only=stop_early)
+        if stop_early:
+            intermediates, logits = output, None
+        else:
+            final, intermediates = output
+            logits = model.forward_head(final)
+    points = points or intermediate_points(len(intermediates))
+    recorder = Recorder(points, dtype, max_side, keep_maps, reduce, progress)
+    for point, intermediate in zip(points, intermediates):
+        recorder.record(point, intermediate)
     return recorder.captures(logits, x)
 
 

@@ -13,13 +13,14 @@ from PIL import Image
 
 from . import __version__, zoo
 from .allocator import reuse_freed_memory
+from .cachefiles import cache_dir
 from .capture import REAL_FORWARD
 from .figure import DEFAULT_CHANNELS, DEFAULT_SIZE, Panel, compose, figure_layers, heading_for
 from .images import ImageError, find_images, load_image, preprocess
-from .memory import InsufficientMemory, available_bytes, cache_dir, format_bytes
+from .memory import InsufficientMemory, available_bytes, format_bytes
 from .models import T2TViT
 from .pipeline import DISPLAY_SIDE, ModelResult, display_estimate, inspect_images, layer_labels, memory_estimate
-from .procedures import PAPER_NOTEBOOK, PROCEDURES
+from .procedures import PAPER_NOTEBOOK, PROCEDURES, check_supported
 from .render import channel_grid, norm_image, order_channels, pca_image, save_png, upscale
 from .dataset import Failure, NamedImage, StatsRun, fitting_batch
 from .stats import Thresholds
@@ -138,8 +139,10 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
     batches = {}
     for name, model in loaded.items():
         for procedure in _procedures(args):
+            _check_procedure(name, model, procedure)
             try:
-                batch = fitting_batch(name, model.img_size, args.batch_size, procedure, args.mlp_hidden)
+                batch = fitting_batch(name, model.img_size, args.batch_size, procedure, args.mlp_hidden,
+                                      device=model.device)
             except InsufficientMemory as e:
                 raise UserError(f'{e}; choose a smaller --img-size') from e
             if batch < args.batch_size:
@@ -170,6 +173,14 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
     return 1 if failed else 0
 
 
+def _check_procedure(name: str, loaded: LoadedModel, procedure: str) -> None:
+    if procedure != REAL_FORWARD:
+        try:
+            check_supported(loaded.model)
+        except ValueError as e:
+            raise UserError(f'{name}: {e}') from e
+
+
 def _load_one_image(path: str) -> Image.Image:
     try:
         return load_image(path)
@@ -196,7 +207,7 @@ def _cmd_stages(args: argparse.Namespace, out: TextIO) -> int:
 
 def _check_run_fits(loaded: LoadedModel, procedure: str, **options) -> None:
     estimate = memory_estimate(loaded.request, loaded.img_size, 1, procedure, **options)
-    available = available_bytes()
+    available = available_bytes(loaded.device)
     if estimate.peak > available:
         raise UserError(f'{loaded.request} at {loaded.img_size}x{loaded.img_size} needs about '
                         f'{format_bytes(estimate.peak)}, but only {format_bytes(available)} of memory is available')
@@ -250,7 +261,11 @@ def _cmd_figure2(args: argparse.Namespace, out: TextIO) -> int:
     loaded = _load_models(args, _model_names(args))
     rows = []
     for name, model in loaded.items():
-        labels = layer_labels(model, args.procedure)
+        _check_procedure(name, model, args.procedure)
+        try:
+            labels = layer_labels(model, args.procedure)
+        except ValueError as e:
+            raise UserError(f'{name}: {e}') from e
         result = _single_result(args, model, image, layers=figure_layers(labels))
         rows.append([Panel(name, layer, summary, result.procedure, model.weights.label)
                      for layer, summary in zip(result.capture.layers, result.summaries)])

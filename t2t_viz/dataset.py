@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .capture import REAL_FORWARD
-from .images import IMAGE_EXTENSIONS, ImageError, load_image
+from .images import IMAGE_EXTENSIONS, ImageError, load_image, preprocess_bytes
 from . import memory
 from .pipeline import ModelResult, inspect_images, memory_estimate
 from .stats import PER_CHANNEL_COLUMNS, DeadChannelCounter, Thresholds, csv_text, write_csv
@@ -164,6 +164,8 @@ class StatsRun:
         for name, loaded in self.models.items():
             for procedure in self.procedures:
                 step = (batches or {}).get((name, procedure), len(images)) or 1
+                if batches:  # the decoded images are in memory now: the passes must fit beside them
+                    step = self._fitting_step(loaded, procedure, step, images)
                 for first in range(0, len(images), step):
                     chunk = images[first:first + step]
                     results = inspect_images(loaded, [item.image for item in chunk], self.thresholds,
@@ -174,6 +176,13 @@ class StatsRun:
                         if on_result:
                             on_result(item, result)
         self.images_done += len(images)
+
+    def _fitting_step(self, loaded: LoadedModel, procedure: str, wanted: int, images: Sequence[NamedImage]) -> int:
+        """The largest batch, at most ``wanted``, whose pass and the resizing of the largest image of
+        ``images`` fit in the memory available now. InsufficientMemory when one image does not."""
+        resizing = max(preprocess_bytes(item.image, loaded.data_config) for item in images)
+        available = memory.available_bytes(loaded.device) - resizing
+        return fitting_batch(loaded.request, loaded.img_size, wanted, procedure, self.mlp_hidden, available)
 
     def _add(self, item: NamedImage, result: ModelResult) -> None:
         rows = result.rows(item.name)
@@ -191,12 +200,13 @@ class StatsRun:
 
 
 def fitting_batch(name: str, img_size: int, wanted: int, procedure: str = REAL_FORWARD, mlp_hidden: bool = False,
-                  available: Optional[int] = None) -> int:
-    """The largest batch, at most ``wanted``, whose statistics-only pass fits in the available memory.
+                  available: Optional[int] = None, device: Optional[str] = None) -> int:
+    """The largest batch, at most ``wanted``, whose statistics-only pass fits in the memory available (on
+    ``device``: a CUDA device's free memory).
 
     Raises InsufficientMemory when not even one image fits.
     """
-    available = memory.available_bytes() if available is None else available
+    available = memory.available_bytes(device) if available is None else available
     batch = wanted
     while True:
         estimate = memory_estimate(name, img_size, batch, procedure, mlp_hidden=mlp_hidden, keep_maps=False)

@@ -4,10 +4,11 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import io
+import math
 import os
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator, List, Tuple, Union
+from typing import Iterable, Iterator, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform
 
 __all__ = ['ImageError', 'MAX_PIXELS', 'load_image', 'image_hash', 'find_images', 'preprocess', 'preprocess_batch',
-           'IMAGE_EXTENSIONS', 'SAMPLE_PHOTOS', 'sample_photo']
+           'denormalize', 'decoded_bytes', 'preprocess_bytes', 'IMAGE_EXTENSIONS', 'SAMPLE_PHOTOS', 'sample_photo']
 
 MAX_PIXELS = 64_000_000  # larger images are refused as possible decompression bombs
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif', '.tiff')
@@ -123,3 +124,30 @@ def preprocess_batch(images: List[Image.Image], data_config: dict) -> torch.Tens
     """(B, 3, H, W); the transform is built once for the batch."""
     transform = _eval_transform(data_config)
     return torch.stack([transform(image) for image in images])
+
+
+def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> Image.Image:
+    """A preprocessed (3, H, W) tensor back to the RGB image the model saw: resized, cropped, H x W pixels."""
+    image = x.float().cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def decoded_bytes(image: Image.Image) -> int:
+    """Bytes Pillow holds for a decoded image: 4 per pixel for RGB (Pillow stores RGB pixels in 32 bits)."""
+    per_pixel = {'1': 1, 'L': 1, 'P': 1, 'I;16': 2, 'I;16B': 2, 'I;16L': 2}.get(image.mode, 4)
+    return image.width * image.height * per_pixel
+
+
+def preprocess_bytes(image: Image.Image, data_config: dict) -> int:
+    """What resizing ``image`` for this model allocates beyond the input tensors (which memory estimates count):
+    Pillow's resize of 32-bit pixels, one direction at a time, holds the half-resized image and the result.
+
+    An upper bound for every crop mode: the shorter side goes to ``input size / crop_pct`` (timm's centre
+    crop, the largest of its resizes). ``benchmarks/upload_memory`` and a test hold it against peak RSS.
+    """
+    height, width = data_config['input_size'][-2:]
+    crop_pct = data_config.get('crop_pct') or 0.875
+    scale = max(math.floor(height / crop_pct), math.floor(width / crop_pct)) / min(image.width, image.height)
+    out_w, out_h = math.ceil(image.width * scale), math.ceil(image.height * scale)
+    return 4 * (max(out_w * image.height, image.width * out_h) + out_w * out_h)

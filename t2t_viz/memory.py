@@ -21,7 +21,7 @@ import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import timm
 import torch
@@ -29,9 +29,11 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
+from .cachefiles import cache_dir, read_bytes, write_bytes
+
 __all__ = ['MemoryEstimate', 'InsufficientMemory', 'LiveBytes', 'ReplayedByShape', 'EstimateStore', 'tensor_bytes',
-           'module_bytes', 'measure_run', 'available_bytes', 'check_fits', 'format_bytes', 'cache_dir', 'code_version',
-           'replace_file', 'INPUT_COPIES']
+           'module_bytes', 'measure_run', 'available_bytes', 'cgroup_available', 'check_fits', 'format_bytes',
+           'code_version', 'INPUT_COPIES']
 
 _logger = logging.getLogger(__name__)
 
@@ -195,15 +197,15 @@ class ReplayedByShape:
 
     def __init__(self, function: Callable[[torch.Tensor], Any]):
         self.function = function
-        self._measured: Dict[tuple, Tuple[int, int]] = {}  # (shape, stride, dtype) -> (peak, kept)
+        self._measured: Dict[tuple, Tuple[int, int]] = {}  # (shape, stride, dtype, prefix) -> (peak, kept)
 
-    def __call__(self, fmap: torch.Tensor) -> Any:
-        key = (tuple(fmap.shape), fmap.stride(), fmap.dtype)
+    def __call__(self, fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None) -> Any:
+        key = (tuple(fmap.shape), fmap.stride(), fmap.dtype, None if prefix is None else tuple(prefix.shape))
         measured = self._measured.get(key)
         if measured is None:
             tracker = LiveBytes()  # nested: the enclosing tracker sees these allocations too
             with tracker:
-                result = self.function(fmap)
+                result = self.function(fmap, prefix)
                 kept = tracker.live
             self._measured[key] = (tracker.peak, kept)
             return result
@@ -212,24 +214,6 @@ class ReplayedByShape:
         transient = torch.empty(peak - kept, dtype=torch.uint8, device=fmap.device)
         del transient
         return result
-
-
-def cache_dir() -> Path:
-    """Where t2t-viz keeps small files between runs: T2T_VIZ_CACHE_DIR, else ~/.cache/t2t_viz."""
-    return Path(os.environ.get('T2T_VIZ_CACHE_DIR') or Path.home() / '.cache' / 't2t_viz').expanduser()
-
-
-def replace_file(path: Path, data: bytes, mode: int = 0o666) -> None:
-    """Write ``data`` to ``path`` in one step: other processes read the old file or the new one, never a
-    part. A new file gets ``mode`` (less the umask); the folder must exist."""
-    partial = path.with_name(f'{path.name}.{os.getpid()}.{threading.get_ident()}.part')
-    try:
-        with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), 'wb') as f:
-            f.write(data)
-        os.replace(partial, path)
-    except OSError:
-        partial.unlink(missing_ok=True)
-        raise
 
 
 class EstimateStore:
@@ -247,11 +231,12 @@ class EstimateStore:
 
     def _load(self) -> Dict[str, list]:
         if self._entries is None:
+            data = read_bytes(self.path)  # None unless this user alone can write the folder and the file
             try:
-                entries = json.loads(self.path.read_text())
-                self._entries = entries if isinstance(entries, dict) else {}
-            except (OSError, ValueError):
-                self._entries = {}
+                entries = json.loads(data) if data is not None else {}
+            except ValueError:
+                entries = {}
+            self._entries = entries if isinstance(entries, dict) else {}
         return self._entries
 
     def get(self, key: str) -> Optional[MemoryEstimate]:
@@ -264,12 +249,8 @@ class EstimateStore:
             entries = self._load()
             entries[f'{self.code}|{key}'] = [estimate.weights, estimate.peak, estimate.kept]
             current = {k: v for k, v in entries.items() if k.startswith(self.code + '|')}  # drop old code's
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                replace_file(self.path, json.dumps(current).encode())
-                self._entries = current
-            except OSError as e:  # a read-only home: estimates are then computed once per process
-                _logger.info('memory estimates not saved (%s)', e)
+            if write_bytes(self.path, json.dumps(current).encode()):
+                self._entries = current  # else (a read-only home) estimates are computed once per process
 
 
 @functools.lru_cache(maxsize=None)
@@ -285,8 +266,71 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
-def available_bytes() -> int:
-    """Memory the system can give this process now (Linux MemAvailable; else free physical pages)."""
+_CGROUP_ROOT = Path('/sys/fs/cgroup')
+_PROC_CGROUP = Path('/proc/self/cgroup')
+_UNLIMITED = 2**60  # cgroup v1 writes "no limit" as a number near 2**63
+
+
+def _read_number(path: Path) -> Optional[int]:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if text == 'max':
+        return None
+    try:
+        number = int(text)
+    except ValueError:
+        return None
+    return None if number >= _UNLIMITED else number
+
+
+def _reclaimable(stat_file: Path, field: str) -> int:
+    """Page cache the kernel drops before it kills (``inactive_file`` of memory.stat), as Docker counts it."""
+    try:
+        for line in stat_file.read_text().splitlines():
+            key, _, value = line.partition(' ')
+            if key == field:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def cgroup_available(proc_cgroup: Path = _PROC_CGROUP, root: Path = _CGROUP_ROOT) -> Optional[int]:
+    """Bytes this process's memory cgroup (v2 ``memory.max``, v1 ``memory.limit_in_bytes``) still allows, the
+    tightest over the cgroup and its ancestors; None when no limit applies (or cgroups are not mounted).
+
+    A container's limit is where the kernel kills a process that goes over, whatever the host has free.
+    """
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    tightest: Optional[int] = None
+    for line in lines:
+        _, controllers, path = line.split(':', 2)
+        if controllers == '':  # v2: limit, usage and cache at every level of the unified hierarchy
+            base, files = root, ('memory.max', 'memory.current', 'memory.stat', 'inactive_file')
+        elif 'memory' in controllers.split(','):  # v1
+            base, files = root / 'memory', ('memory.limit_in_bytes', 'memory.usage_in_bytes', 'memory.stat',
+                                            'total_inactive_file')
+        else:
+            continue
+        folder = base / path.lstrip('/')
+        while True:
+            limit = _read_number(folder / files[0])
+            if limit is not None:
+                used = (_read_number(folder / files[1]) or 0) - _reclaimable(folder / files[2], files[3])
+                left = max(0, limit - max(0, used))
+                tightest = left if tightest is None else min(tightest, left)
+            if folder == base or base not in folder.parents:
+                break
+            folder = folder.parent
+    return tightest
+
+
+def _host_available() -> int:
     try:
         with open('/proc/meminfo') as f:
             for line in f:
@@ -301,6 +345,18 @@ def available_bytes() -> int:
         return 8 * 2**30
 
 
+def available_bytes(device: Optional[Union[str, torch.device]] = None) -> int:
+    """Memory this process can be given now: on a CUDA device its free GPU memory (``mem_get_info``); else
+    the system's (Linux MemAvailable, else free physical pages), never more than the memory cgroup allows."""
+    device = torch.device(device) if device is not None else torch.device('cpu')
+    if device.type == 'cuda':
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    host = _host_available()
+    limit = cgroup_available()
+    return host if limit is None else min(host, limit)
+
+
 def format_bytes(count: float) -> str:
     for unit, size in (('GiB', 2**30), ('MiB', 2**20), ('KiB', 2**10)):
         if abs(count) >= size:
@@ -308,9 +364,11 @@ def format_bytes(count: float) -> str:
     return f'{int(count)} B'
 
 
-def check_fits(needed: int, what: str, available: Optional[int] = None) -> None:
-    """Raise InsufficientMemory naming ``what``, the bytes needed and the bytes available."""
-    available = available_bytes() if available is None else available
+def check_fits(needed: int, what: str, available: Optional[int] = None,
+               device: Optional[Union[str, torch.device]] = None) -> None:
+    """Raise InsufficientMemory naming ``what``, the bytes needed and the bytes available (on ``device``)."""
+    available = available_bytes(device) if available is None else available
     if needed > available:
+        where = 'GPU memory' if device is not None and torch.device(device).type == 'cuda' else 'memory'
         raise InsufficientMemory(f'{what} needs about {format_bytes(needed)}, but only {format_bytes(available)} '
-                                 'of memory is available')
+                                 f'of {where} is available')

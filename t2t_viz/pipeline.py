@@ -11,7 +11,7 @@ from PIL import Image
 from timm.data import ImageNetInfo
 
 from . import attention, capture, memory, procedures, zoo
-from .images import preprocess_batch
+from .images import denormalize, preprocess_batch
 from .stats import LayerSummary, Thresholds, layer_stats, summarize
 from .zoo import LoadedModel, WeightsInfo
 
@@ -30,10 +30,18 @@ class ModelResult:
     capture: capture.Capture
     summaries: List[LayerSummary]
     top5: List[Tuple[str, float]]  # (class description, probability); empty when the procedure has no logits
+    normalization: Tuple[Tuple[float, ...], Tuple[float, ...]] = ((0.0,) * 3, (1.0,) * 3)  # (mean, std) of the input
 
     @property
     def procedure(self) -> str:
         return self.capture.procedure
+
+    def seen_image(self) -> Image.Image:
+        """The exact input of the pass as an RGB image (after the model's resize and centre crop): every map
+        lies on this image, so overlays are drawn on it, never on the uploaded photo."""
+        if self.capture.input is None:
+            raise ValueError('this result kept no input (a statistics-only run)')
+        return denormalize(self.capture.input, *self.normalization)
 
     def rows(self, image_name: str) -> List[dict]:
         return [s.row(image_name, self.model, self.weights.label, self.procedure) for s in self.summaries]
@@ -78,7 +86,7 @@ def layer_labels(loaded: LoadedModel, procedure: str = capture.REAL_FORWARD) -> 
     if procedure == capture.REAL_FORWARD:
         points = capture.layer_points(loaded.model, size, size)
         if points is None:
-            raise ValueError(f'{loaded.request}: layers are known only after a forward pass')
+            points = capture.intermediate_points(capture.intermediate_count(loaded.model))
     else:
         points = procedures.notebook_points(loaded.model, size, size)
     return [p.label for p in points]
@@ -177,6 +185,14 @@ def inspect_images(
     captures = run_batch(loaded, images, procedure, mlp_hidden=mlp_hidden, dtype=dtype, max_side=max_side,
                          keep_maps=keep_maps, layers=layers, reduce=layer_stats, progress=progress,
                          stop_early=stop_early)
+    normalization = _input_normalization(loaded, procedure)
     return [ModelResult(loaded.request, loaded.weights, cap, [summarize(layer, thresholds) for layer in cap.layers],
-                        top_k(cap.logits))
+                        top_k(cap.logits), normalization)
             for cap in captures]
+
+
+def _input_normalization(loaded: LoadedModel, procedure: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """(mean, std) the procedure normalized its input with: the model's own, or none for the notebooks'."""
+    if procedure == capture.REAL_FORWARD:
+        return tuple(loaded.data_config['mean']), tuple(loaded.data_config['std'])
+    return (0.0,) * 3, (1.0,) * 3

@@ -13,24 +13,31 @@ forward passes. What they do, as this module re-implements it (our code, from th
 * **T2T-ViT-24**: no notebook was released; our analogue applies the same recipe: the Tokens-to-Token
   module, then the blocks, with no class token and no position table.
 
+The recipe is defined for these three families: ResNets (any timm ``ResNet``: a stem conv and stages of
+blocks whose main path is ``conv1``, ``conv2``...), ViTs (timm's ``VisionTransformer`` and its subclasses)
+and T2T-ViT. Other models (EfficientNet, MobileNet, ConvNeXt, Swin...) have no main path that is a chain of
+convs or of blocks taking tokens alone, and are refused with a one-line :class:`ValueError`.
+
 Each procedure returns the same :class:`~t2t_viz.capture.Capture` records as the real forward pass,
 labelled with their procedure, so every view, statistic and CSV works on either. Layers carry the same
 labels as in the real forward pass (``conv25``, ``block 12``) so the two can be put side by side.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Collection, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
+from timm.models.vision_transformer import VisionTransformer
 
 from .capture import REAL_FORWARD, Capture, Point, Recorder, model_device, select_points, t2t_module_points
 from .models import T2TViT
 
 __all__ = ['PAPER_NOTEBOOK', 'NOTEBOOK_ANALOGUE', 'PROCEDURES', 'procedure_of', 'describe', 'notebook_input',
-           'notebook_points', 'run_notebook', 'main_path_convs']
+           'notebook_points', 'run_notebook', 'main_path_convs', 'check_supported']
 
 PAPER_NOTEBOOK = 'paper_notebook'  # as the released notebooks did it (ResNet, ViT)
 NOTEBOOK_ANALOGUE = 'notebook_analogue'  # our analogue for T2T-ViT, whose notebook was not released
@@ -64,26 +71,45 @@ def notebook_input(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0
 
 
+_MAIN_PATH_CONV = re.compile(r'conv1(\.\d+)?|layer\d+\.\d+\.conv\d+')  # the stem (deep stems too), block convs
+
+
+def _family(model: nn.Module) -> str:
+    """'t2t', 'vit' or 'resnet': the families the notebook procedure is defined for; ValueError otherwise."""
+    if isinstance(model, T2TViT):
+        return 't2t'
+    if isinstance(model, VisionTransformer):
+        return 'vit'
+    if all(hasattr(model, name) for name in ('conv1', 'layer1', 'layer4')):
+        return 'resnet'
+    raise ValueError(f"the paper's notebook procedure is defined for ResNets, ViTs and T2T-ViT, not for "
+                     f'{type(model).__name__}; use the real forward pass')
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise a one-line ValueError when the notebook procedure is not defined for this model's family."""
+    _family(model)
+
+
 def main_path_convs(model: nn.Module) -> List[tuple]:
-    """(name, Conv2d) of a ResNet's main path in definition order, without downsample branches."""
+    """(name, Conv2d) of a ResNet's main path in definition order: the stem conv(s) and each block's own
+    ``convN``; no downsample branch, and no conv inside a block's attention (squeeze-excitation) module."""
     return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, nn.Conv2d) and 'downsample' not in name.split('.')]
+            if isinstance(module, nn.Conv2d) and _MAIN_PATH_CONV.fullmatch(name)]
 
 
 def notebook_points(model: nn.Module, height: int, width: int) -> List[Point]:
     """The layers the notebook procedure records, with the real forward pass's labels."""
-    if isinstance(model, T2TViT):
+    family = _family(model)
+    if family == 't2t':
         grid = model.token_grid(height, width)
         return t2t_module_points(model, height, width) + [
             Point(f'blocks.{i}', 'block', f'block {i + 1}', _tokens_map(grid)) for i in range(len(model.blocks))]
-    if hasattr(model, 'blocks') and hasattr(model, 'patch_embed'):
+    if family == 'vit':
         grid = tuple(model.patch_embed.dynamic_feat_size((height, width)))
         return [Point('patch_embed', 'patch_embed', 'patch tokens', _tokens_map(grid))] + [
             Point(f'blocks.{i}', 'block', f'block {i + 1}', _tokens_map(grid)) for i in range(len(model.blocks))]
-    convs = main_path_convs(model)
-    if not convs:
-        raise ValueError(f'{type(model).__name__}: no notebook procedure for this model family')
-    return [Point(name, 'conv', f'conv{i + 1}', _identity) for i, (name, _) in enumerate(convs)]
+    return [Point(name, 'conv', f'conv{i + 1}', _identity) for i, (name, _) in enumerate(main_path_convs(model))]
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -173,7 +199,7 @@ def run_notebook(
     with torch.inference_mode():
         x = x.to(model_device(model))
         if points:
-            if hasattr(model, 'blocks'):
+            if _family(model) in ('t2t', 'vit'):
                 _chain_blocks(model, x, record)
             else:
                 _chain_convs(model, x, record)

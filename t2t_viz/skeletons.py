@@ -5,8 +5,9 @@ initialisation runs, building the modules is most of what loading a small file c
 of Python, while reading its 100 MB file takes 25-40 ms); unpickling the same skeleton takes 3-5 ms. So
 the first build of a model is pickled into the cache folder, and later builds, in any process, unpickle it.
 
-A pickle is code, as Python's bytecode cache is. So a skeleton is read only from a folder and a file that
-this user owns and nobody else can write, and it is keyed by everything that shaped it: t2t-viz's
+A pickle is code, as Python's bytecode cache is. So a skeleton is read and written only as
+:mod:`t2t_viz.cachefiles` allows (a folder and a file that this user owns and nobody else can write, no
+symbolic links followed), and it is keyed by everything that shaped it: t2t-viz's
 sources, the torch and timm versions, timm's layer settings, the model's name and input size. It never
 outlives the code that built it. The folder is kept under ``MAX_BYTES``, least recently used first out.
 """
@@ -22,7 +23,8 @@ from typing import Callable, Optional
 import timm.layers
 import torch.nn as nn
 
-from .memory import cache_dir, code_version, replace_file
+from .cachefiles import cache_dir, read_bytes, write_bytes
+from .memory import code_version
 
 __all__ = ['MAX_BYTES', 'load_or_build', 'folder']
 
@@ -41,27 +43,17 @@ def _file_name(key: str) -> str:
     return hashlib.sha1(f'{code_version()}|{settings}|{key}'.encode()).hexdigest() + '.pkl'
 
 
-def _only_mine(status: os.stat_result) -> bool:
-    return status.st_uid == os.getuid() and not status.st_mode & 0o022
-
-
 def _all_meta(model: nn.Module) -> bool:
     return all(t.is_meta for t in (*model.parameters(), *model.buffers()))
 
 
 def _read(path: Path) -> Optional[nn.Module]:
-    try:
-        if not _only_mine(path.parent.stat()):
-            _logger.warning('%s: skeletons not read: another user can write this folder', path.parent)
-            return None
-        with open(path, 'rb') as f:
-            if not _only_mine(os.fstat(f.fileno())):
-                _logger.warning('%s: not read: another user can write it', path)
-                return None
-            model = pickle.load(f)
-        os.utime(path)  # recently used: pruned last
-    except FileNotFoundError:
+    data = read_bytes(path)  # None unless this user alone can write the folder and the file
+    if data is None:
         return None
+    try:
+        model = pickle.loads(data)
+        os.utime(path)  # recently used: pruned last
     except Exception as e:  # noqa: BLE001 - a damaged file or a class that moved raises many kinds
         _logger.info('%s: unreadable skeleton, building again (%s)', path, e)
         return None
@@ -90,12 +82,8 @@ def _write(path: Path, model: nn.Module) -> None:
     except Exception as e:  # noqa: BLE001 - e.g. a hook that is a local function cannot be pickled
         _logger.info('%s: skeleton not kept (%s)', type(model).__name__, e)
         return
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        replace_file(path, data, mode=0o600)
+    if write_bytes(path, data):
         _prune(path.parent)
-    except OSError as e:  # a read-only home: models are then built every time
-        _logger.info('%s: skeleton not kept (%s)', path, e)
 
 
 def load_or_build(key: str, build: Callable[[], nn.Module]) -> nn.Module:
@@ -103,8 +91,6 @@ def load_or_build(key: str, build: Callable[[], nn.Module]) -> nn.Module:
 
     ``key`` names everything ``build`` depends on besides the code (the model's name and input size).
     """
-    if not hasattr(os, 'getuid'):  # no file owners to check (Windows): always built
-        return build()
     path = folder() / _file_name(key)
     model = _read(path)
     if model is None:

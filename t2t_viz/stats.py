@@ -3,18 +3,25 @@
 Channel flags (thresholds in :class:`Thresholds`):
     * dead: every value of the channel is zero, ``max |x| <= dead_atol`` (the paper's "zero-valued" maps);
     * flat: a constant map that is not zero, ``max x - min x <= flat_atol * max(1, max |x|)``;
-    * massive: ``max |x| > massive_factor * median over the layer's channels of max |x|``
-      (the paper's "too large values").
+    * massive: a live channel whose ``max |x| > massive_factor *`` the median of the *live* channels' max |x|
+      (the paper's "too large values"); dead channels never lower the reference.
 
-Token norms and massive activations (per layer):
+Token norms and massive activations (per layer, over the patch-token grid):
     * token norm: the L2 norm over channels at each position (each token of a ViT, each pixel of a CNN map);
       a token is *high-norm* when its norm is over ``high_norm_factor`` x the layer's median token norm
       (Darcet et al. 2024, "Vision Transformers Need Registers", see outliers near 10x in large ViTs);
+    * median |x|: exact, the ceil(n/2)-th smallest |x| of the layer's n values (for even n the lower of the two
+      middle values, as ``torch.median``), found by :func:`kth_smallest_abs` without sorting the map;
     * top activations: the ``TOP_K`` largest |x| of the layer with their channel and position, and the
       ratio of the largest to the layer's median |x|;
     * Sun et al. 2024 ("Massive Activations in Large Language Models") call an activation massive when
       |x| > 100 and about 1000x the layer's median |x|; ``sun_massive`` counts the activations with
       |x| > max(100, 1000 x median |x|).
+
+Prefix tokens (class, distillation and register tokens of a ViT; the class token of T2T-ViT) are not on the
+grid, so feature maps never show them; they are measured apart, against the grid's own references: each
+prefix token's largest |x| (and its channel), its L2 norm, its activations over Sun et al.'s bar for the
+layer, and whether its norm is over ``high_norm_factor`` x the median token norm of the grid.
 
 Every figure is reduced from the full-resolution map where it is produced (:func:`layer_stats`, called
 inside the capture hook), so statistics stay exact when only a small display copy of the map is kept.
@@ -25,29 +32,33 @@ import csv
 import io
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Sequence, TextIO, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, TextIO, Tuple
 
 import torch
 
 from .capture import REAL_FORWARD, Layer
 
-__all__ = ['Thresholds', 'ChannelStats', 'LayerStats', 'LayerSummary', 'TopActivation', 'channel_stats',
-           'layer_stats', 'summarize', 'CSV_COLUMNS', 'write_csv', 'csv_text', 'DeadChannelCounter', 'ChannelCounts',
-           'PER_CHANNEL_COLUMNS', 'TOP_K', 'SUN_MIN_MAGNITUDE', 'SUN_MEDIAN_FACTOR']
+__all__ = ['Thresholds', 'ChannelStats', 'LayerStats', 'PrefixStats', 'LayerSummary', 'PrefixToken',
+           'TopActivation', 'channel_stats', 'layer_stats', 'kth_smallest_abs', 'summarize', 'CSV_COLUMNS',
+           'PREFIX_COLUMNS', 'write_csv', 'csv_text', 'DeadChannelCounter', 'ChannelCounts', 'PER_CHANNEL_COLUMNS',
+           'TOP_K', 'SUN_MIN_MAGNITUDE', 'SUN_MEDIAN_FACTOR']
 
+PREFIX_COLUMNS = ('prefix_tokens', 'prefix_max_abs', 'prefix_max_abs_token', 'prefix_max_abs_channel',
+                  'prefix_max_abs_ratio', 'prefix_sun_massive', 'prefix_norms', 'prefix_high_norm_tokens')
 CSV_COLUMNS = ('image', 'model', 'weights', 'layer', 'kind', 'depth', 'height', 'width', 'tokens', 'channels',
                'dead', 'dead_fraction', 'flat', 'massive', 'dead_ids', 'massive_ids',
                'label', 'flat_fraction', 'massive_fraction', 'flat_ids',
                'procedure', 'max_abs', 'max_abs_channel', 'max_abs_row', 'max_abs_col', 'median_abs',
                'max_abs_ratio', 'sun_massive', 'median_token_norm', 'max_token_norm', 'high_norm_tokens',
-               'high_norm_fraction')
+               'high_norm_fraction') + PREFIX_COLUMNS
 PER_CHANNEL_COLUMNS = ('model', 'weights', 'layer', 'kind', 'depth', 'channel', 'images', 'dead_images',
                        'dead_fraction', 'procedure')
 
 TOP_K = 5  # top activations kept per layer and image
-MEDIAN_SAMPLE = 65_536  # median |x| is exact up to this many values, else taken over an even-stride sample
 SUN_MIN_MAGNITUDE = 100.0
 SUN_MEDIAN_FACTOR = 1000.0
+_DIRECT_SELECTION = 32_768  # sets up to this size are handed to kthvalue; larger ones are narrowed first
+_SAMPLE_SEED = 0x5EED
 
 
 @dataclass(frozen=True)
@@ -62,32 +73,41 @@ class Thresholds:
 class ChannelStats:
     max_abs: torch.Tensor  # (C,)
     mean: torch.Tensor  # (C,)
-    std: torch.Tensor  # (C,)
     minimum: torch.Tensor  # (C,)
     maximum: torch.Tensor  # (C,)
 
     def flags(self, thresholds: Thresholds = Thresholds()) -> Dict[str, torch.Tensor]:
-        """Boolean (C,) masks 'dead', 'flat', 'massive'."""
+        """Boolean (C,) masks 'dead', 'flat', 'massive' (massive against the median of the live channels)."""
         dead = self.max_abs <= thresholds.dead_atol
         spread = self.maximum - self.minimum
         flat = ~dead & (spread <= thresholds.flat_atol * self.max_abs.clamp(min=1.0))
-        median = self.max_abs.median()
-        massive = (self.max_abs > thresholds.massive_factor * median) & ~dead
+        live = self.max_abs[~dead]  # (live,)
+        if live.numel():
+            massive = ~dead & (self.max_abs > thresholds.massive_factor * live.median())
+        else:
+            massive = torch.zeros_like(dead)
         return {'dead': dead, 'flat': flat, 'massive': massive}
 
 
 def channel_stats(fmap: torch.Tensor) -> ChannelStats:
     """Statistics of a (C, H, W) map per channel, in float32.
 
-    Every reduction reads the map in place: a ``dtype=float64`` reduction would make a hidden float64 copy
-    of the whole map, which memory estimates cannot see (min/max are exact; mean and std come from
-    PyTorch's float32 Welford reduction).
+    Separate max, min and sum reductions are each one vectorized read of the map (PyTorch's fused
+    ``aminmax`` is 30x slower on the CPU), and none makes a float64 copy that memory estimates would miss.
     """
     values = fmap.reshape(fmap.shape[0], -1).float()  # (C, H*W); a view when fmap is float32
-    minimum, maximum = torch.aminmax(values, dim=1)
-    std, mean = torch.std_mean(values, dim=1, correction=0)
-    return ChannelStats(max_abs=torch.maximum(maximum, -minimum), mean=mean, std=std, minimum=minimum,
-                        maximum=maximum)
+    maximum, minimum = values.amax(dim=1), values.amin(dim=1)
+    mean = values.sum(dim=1) / values.shape[1]
+    return ChannelStats(max_abs=torch.maximum(maximum, -minimum), mean=mean, minimum=minimum, maximum=maximum)
+
+
+@dataclass
+class PrefixStats:
+    """Prefix tokens of one layer (class, distillation, register tokens), reduced beside the grid."""
+    max_abs: torch.Tensor  # (P,) each prefix token's largest |x|
+    max_abs_channel: torch.Tensor  # (P,) where it is
+    norms: torch.Tensor  # (P,) L2 norm over channels
+    sun_massive: torch.Tensor  # (P,) activations over Sun et al.'s bar of the layer
 
 
 @dataclass
@@ -98,15 +118,82 @@ class LayerStats:
     top_values: torch.Tensor  # (k,) the k largest |x| of the layer (signed values), largest first
     top_channels: torch.Tensor  # (k,) their channels
     top_positions: torch.Tensor  # (k,) their positions, row * W + col
-    median_abs: torch.Tensor  # () median |x| of the layer (see MEDIAN_SAMPLE)
+    median_abs: torch.Tensor  # () exact median |x| of the layer (see kth_smallest_abs)
     sun_massive: torch.Tensor  # () activations with |x| > max(100, 1000 x median |x|)
+    prefix: Optional[PrefixStats] = None  # None for layers without prefix tokens
+
+
+def _count(mask: torch.Tensor) -> int:
+    return int(torch.count_nonzero(mask))
+
+
+def _narrowing_bounds(candidates: torch.Tensor, rank: int, generator: torch.Generator) -> Tuple[int, int]:
+    """Bit patterns ``lo <= hi`` that bracket the ``rank``-th smallest (1-based) of ``candidates`` with high
+    probability, from the order statistics of a seeded uniform sample (it only speeds the search up)."""
+    size = candidates.numel()
+    sample_size = min(8192, max(1024, size // 256))
+    picks = torch.randint(size, (sample_size,), generator=generator).to(candidates.device)
+    sample = candidates.take(picks).sort().values  # (S,)
+    centre = (rank - 0.5) / size * sample_size
+    spread = 3.0 * math.sqrt(sample_size * 0.25) + 2  # 3 standard deviations of a sample rank, and then some
+    low = int(sample[max(0, math.floor(centre - spread))])
+    high = int(sample[min(sample_size - 1, math.ceil(centre + spread))])
+    return low, high
+
+
+def kth_smallest_abs(values: torch.Tensor, rank: int) -> torch.Tensor:
+    """The exact ``rank``-th smallest |x| (1-based) of ``values``, as a float32 0-d tensor on their device.
+
+    |x| is compared by its float32 bit pattern with the sign cleared, an integer whose order is that of |x|.
+    Large sets are narrowed before ``kthvalue`` sees them: a seeded uniform sample suggests a small bracket
+    [lo, hi]; exact counts of the values below and within it say where the answer lies, and only that part is
+    kept (a run of ties at lo is settled by counting). The result is exact whatever the sample; the sample
+    only decides how fast it is found. Shape-only (meta) runs allocate what a first narrowing allocates.
+    """
+    bits = values.detach().float().reshape(-1).view(torch.int32) & 0x7FFFFFFF  # (n,) order of |x|
+    if bits.is_meta:
+        within = (bits >= 0) & (bits <= 1)  # (n,) the masks of a narrowing
+        return bits[:max(1, bits.numel() // 16)].float().amax() * within.any()
+    if not 1 <= rank <= bits.numel():
+        raise ValueError(f'rank {rank} of {bits.numel()} values')
+    generator = torch.Generator().manual_seed(_SAMPLE_SEED)
+    candidates, rank = bits, rank
+    while candidates.numel() > _DIRECT_SELECTION:
+        low, high = _narrowing_bounds(candidates, rank, generator)
+        below = _count(candidates < low)
+        if rank <= below:
+            candidates = candidates[candidates < low]
+            continue
+        up_to_high = _count(candidates <= high)
+        if rank > up_to_high:
+            candidates, rank = candidates[candidates > high], rank - up_to_high
+            continue
+        if low == high:
+            return _as_float(low, values.device)
+        within = candidates[(candidates >= low) & (candidates <= high)]
+        rank -= below
+        if within.numel() * 2 > candidates.numel():  # a run of ties at low kept most of the set: settle it
+            at_low = _count(within == low)
+            if rank <= at_low:
+                return _as_float(low, values.device)
+            within, rank = within[within > low], rank - at_low
+        candidates = within
+    return candidates.kthvalue(rank).values.view(torch.float32)
+
+
+def _as_float(bits: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor(bits, dtype=torch.int32, device=device).view(torch.float32)
 
 
 def _median_abs(values: torch.Tensor) -> torch.Tensor:
-    flat = values.reshape(-1)
-    if flat.numel() > MEDIAN_SAMPLE:
-        flat = flat[::math.ceil(flat.numel() / MEDIAN_SAMPLE)]  # (<= MEDIAN_SAMPLE,) even stride
-    return flat.abs().median()
+    """The lower median of |values|: 0 at once when at least half of them are 0 (most ReLU maps)."""
+    count = values.numel()
+    rank = (count + 1) // 2
+    if not values.is_meta:
+        nonzero = float(torch.sign(values.abs()).sum(dim=-1).double().sum())  # rows of < 2**24 sum exactly
+        if count - nonzero >= rank:  # False for NaN: then the search decides
+            return torch.zeros((), device=values.device)
+    return kth_smallest_abs(values, rank)
 
 
 def _top_activations(values: torch.Tensor, max_abs: torch.Tensor, k: int) -> Tuple[torch.Tensor, ...]:
@@ -119,19 +206,46 @@ def _top_activations(values: torch.Tensor, max_abs: torch.Tensor, k: int) -> Tup
     return rows[row, position], channels[row], position
 
 
-def layer_stats(fmap: torch.Tensor, top_k: int = TOP_K) -> LayerStats:
-    """Reduce one full (C, H, W) map; tensor operations only, so it also runs shape-only on the meta device."""
+def _sun_count(values: torch.Tensor, threshold: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
+    """(rows,) activations with |x| > threshold per row of ``values``; counted only when ``largest`` is over it."""
+    if values.is_meta or float(largest) > float(threshold):
+        return torch.count_nonzero(values > threshold, dim=-1) + torch.count_nonzero(values < -threshold, dim=-1)
+    return torch.zeros(values.shape[:-1], dtype=torch.long, device=values.device)
+
+
+def _prefix_stats(prefix: torch.Tensor, threshold: torch.Tensor) -> PrefixStats:
+    values = prefix.float()  # (P, C)
+    magnitudes = values.abs()
+    max_abs, channel = magnitudes.max(dim=1)  # (P,), (P,)
+    norms = torch.linalg.vector_norm(values, dim=1)  # (P,)
+    return PrefixStats(max_abs, channel, norms, _sun_count(values, threshold, max_abs.max()))
+
+
+def _host(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.is_meta else tensor.cpu()
+
+
+def layer_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None, top_k: int = TOP_K) -> LayerStats:
+    """Reduce one full (C, H, W) map and its (P, C) prefix tokens, if any, on the map's own device.
+
+    Tensor operations only, so it also runs shape-only on the meta device. The results are small and on
+    the CPU.
+    """
     channels = channel_stats(fmap)
     values = fmap.reshape(fmap.shape[0], -1).float()  # (C, N)
-    token_norms = torch.linalg.vector_norm(fmap.float(), dim=0)  # (H, W)
+    token_norms = (values * values).sum(dim=0).sqrt().reshape(fmap.shape[1:])  # (H, W)
     top_values, top_channels, top_positions = _top_activations(values, channels.max_abs, top_k)
     median_abs = _median_abs(values)
     threshold = torch.clamp(median_abs * SUN_MEDIAN_FACTOR, min=SUN_MIN_MAGNITUDE)
-    if values.is_meta or float(top_values.abs().max()) > float(threshold):
-        sun_massive = (values > threshold).sum() + (values < -threshold).sum()
-    else:
-        sun_massive = torch.zeros((), dtype=torch.long)  # the largest |x| is under the bar: nothing to count
-    return LayerStats(channels, token_norms, top_values, top_channels, top_positions, median_abs, sun_massive)
+    sun_massive = _sun_count(values.reshape(-1), threshold, top_values.abs().max())
+    prefix_stats = None if prefix is None or not prefix.shape[0] else _prefix_stats(prefix, threshold)
+    if prefix_stats is not None:
+        prefix_stats = PrefixStats(*map(_host, (prefix_stats.max_abs, prefix_stats.max_abs_channel,
+                                               prefix_stats.norms, prefix_stats.sun_massive)))
+    return LayerStats(ChannelStats(*map(_host, (channels.max_abs, channels.mean, channels.minimum,
+                                                channels.maximum))),
+                      *map(_host, (token_norms, top_values, top_channels, top_positions, median_abs, sun_massive)),
+                      prefix=prefix_stats)
 
 
 @dataclass(frozen=True)
@@ -142,8 +256,23 @@ class TopActivation:
     col: int
 
 
+@dataclass(frozen=True)
+class PrefixToken:
+    """One prefix token of a layer (index 0 is the class token; then distillation and register tokens)."""
+    index: int
+    max_abs: float
+    max_abs_channel: int
+    norm: float
+    sun_massive: int  # activations over Sun et al.'s bar of the layer
+    high_norm: bool  # norm over high_norm_factor x the median token norm of the grid
+
+
 def _ids(mask: torch.Tensor) -> List[int]:
     return mask.nonzero().flatten().tolist()
+
+
+def _ratio(largest: float, median: float) -> float:
+    return largest / median if median > 0 else (math.inf if largest > 0 else 0.0)
 
 
 @dataclass
@@ -167,6 +296,7 @@ class LayerSummary:
     max_token_norm: float = 0.0
     high_norm_tokens: int = 0
     high_norm_factor: float = Thresholds.high_norm_factor
+    prefix: List[PrefixToken] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:
@@ -187,8 +317,31 @@ class LayerSummary:
     @property
     def max_abs_ratio(self) -> float:
         """Largest |x| over the layer's median |x| (inf when the median is 0)."""
-        largest = abs(self.top[0].value) if self.top else 0.0
-        return largest / self.median_abs if self.median_abs > 0 else (math.inf if largest > 0 else 0.0)
+        return _ratio(abs(self.top[0].value) if self.top else 0.0, self.median_abs)
+
+    @property
+    def prefix_largest(self) -> Optional[PrefixToken]:
+        """The prefix token holding the largest |x| of the prefix tokens, or None without prefix tokens."""
+        return max(self.prefix, key=lambda token: token.max_abs) if self.prefix else None
+
+    @property
+    def prefix_max_abs_ratio(self) -> float:
+        """The prefix tokens' largest |x| over the grid's median |x| (inf when that median is 0)."""
+        largest = self.prefix_largest
+        return _ratio(largest.max_abs, self.median_abs) if largest else math.nan
+
+    def _prefix_columns(self) -> Dict[str, object]:
+        largest = self.prefix_largest
+        if largest is None:
+            return {'prefix_tokens': 0, **{column: '' for column in PREFIX_COLUMNS[1:]}}
+        return {
+            'prefix_tokens': len(self.prefix), 'prefix_max_abs': f'{largest.max_abs:.6g}',
+            'prefix_max_abs_token': largest.index, 'prefix_max_abs_channel': largest.max_abs_channel,
+            'prefix_max_abs_ratio': f'{self.prefix_max_abs_ratio:.6g}',
+            'prefix_sun_massive': sum(token.sun_massive for token in self.prefix),
+            'prefix_norms': ';'.join(f'{token.norm:.6g}' for token in self.prefix),
+            'prefix_high_norm_tokens': sum(token.high_norm for token in self.prefix),
+        }
 
     def high_norm_mask(self) -> torch.Tensor:
         """(H, W) True where the token norm is over ``high_norm_factor`` x the median token norm."""
@@ -215,6 +368,7 @@ class LayerSummary:
             'median_token_norm': f'{self.median_token_norm:.6g}', 'max_token_norm': f'{self.max_token_norm:.6g}',
             'high_norm_tokens': self.high_norm_tokens,
             'high_norm_fraction': f'{self.high_norm_tokens / self.tokens if self.tokens else 0.0:.6g}',
+            **self._prefix_columns(),
         }
 
 
@@ -227,14 +381,21 @@ def summarize(layer: Layer, thresholds: Thresholds = Thresholds()) -> LayerSumma
            for value, channel, position in zip(reduced.top_values.tolist(), reduced.top_channels.tolist(),
                                                reduced.top_positions.tolist())]
     median_norm = float(reduced.token_norms.median())
+    high_norm_bar = thresholds.high_norm_factor * median_norm
+    prefix = []
+    if reduced.prefix is not None:
+        prefix = [PrefixToken(index, max_abs, channel, norm, sun, norm > high_norm_bar)
+                  for index, (max_abs, channel, norm, sun) in enumerate(zip(
+                      reduced.prefix.max_abs.tolist(), reduced.prefix.max_abs_channel.tolist(),
+                      reduced.prefix.norms.tolist(), reduced.prefix.sun_massive.tolist()))]
     return LayerSummary(
         name=layer.name, label=layer.label, kind=layer.kind, depth=layer.depth, height=layer.height,
         width=width, channels=layer.channels, dead_ids=_ids(flags['dead']), flat_ids=_ids(flags['flat']),
         massive_ids=_ids(flags['massive']), stats=reduced.channels, token_norms=reduced.token_norms, top=top,
         median_abs=float(reduced.median_abs), sun_massive=int(reduced.sun_massive),
         median_token_norm=median_norm, max_token_norm=float(reduced.token_norms.max()),
-        high_norm_tokens=int((reduced.token_norms > thresholds.high_norm_factor * median_norm).sum()),
-        high_norm_factor=thresholds.high_norm_factor)
+        high_norm_tokens=int((reduced.token_norms > high_norm_bar).sum()),
+        high_norm_factor=thresholds.high_norm_factor, prefix=prefix)
 
 
 def write_csv(rows: Iterable[Dict[str, object]], out: TextIO, columns: Sequence[str] = CSV_COLUMNS,

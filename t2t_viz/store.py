@@ -14,14 +14,17 @@ import dataclasses
 import logging
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import memory
+from .images import decoded_bytes
 
 __all__ = ['ByteBudgetStore', 'StoreStats', 'nbytes', 'default_budget', 'DEFAULT_FRACTION']
 
@@ -76,8 +79,8 @@ def _nbytes(value: Any, seen: set) -> int:
         return sum(_nbytes(v, seen) for v in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return sum(_nbytes(getattr(value, f.name), seen) for f in dataclasses.fields(value))
-    if hasattr(value, 'tobytes') and hasattr(value, 'size') and hasattr(value, 'mode'):  # PIL image
-        return value.width * value.height * len(value.getbands())
+    if isinstance(value, Image.Image):
+        return decoded_bytes(value)
     return 0
 
 
@@ -90,10 +93,11 @@ class StoreStats:
     misses: int
     evictions: int
     not_kept: int  # values larger than the whole budget, handed out without being kept
+    held: int = 0  # bytes kept outside the store by live owners (see ByteBudgetStore.hold)
 
 
 class ByteBudgetStore:
-    """A least-recently-used map bounded by the bytes of its values."""
+    """A least-recently-used map bounded by the bytes of its values, and of what sessions hold beside it."""
 
     def __init__(self, budget: Optional[int] = None):
         self.budget = default_budget() if budget is None else int(budget)
@@ -101,6 +105,8 @@ class ByteBudgetStore:
         self._pending: Dict[Hashable, threading.Event] = {}
         self._lock = threading.Lock()
         self._used = 0
+        self._held: Dict[int, int] = {}  # hold token -> bytes
+        self._next_token = 0
         self._hits = self._misses = self._evictions = self._not_kept = 0
 
     def get(self, key: Hashable) -> Any:
@@ -117,15 +123,13 @@ class ByteBudgetStore:
         size = nbytes(value) if size is None else size
         with self._lock:
             self._remove(key)
-            if size > self.budget:
+            room = self.budget - sum(self._held.values())
+            if size > room:
                 self._not_kept += 1
-                _logger.info('not kept: %s of %s is over the whole budget of %s', memory.format_bytes(size), key,
-                             memory.format_bytes(self.budget))
+                _logger.info('not kept: %s of %s is over the %s the budget leaves beside what sessions hold',
+                             memory.format_bytes(size), key, memory.format_bytes(max(0, room)))
                 return False
-            while self._entries and self._used + size > self.budget:
-                oldest = next(iter(self._entries))
-                self._remove(oldest)
-                self._evictions += 1
+            self._evict(room - size)
             self._entries[key] = (value, size)
             self._used += size
             return True
@@ -159,6 +163,27 @@ class ByteBudgetStore:
             with self._lock:
                 self._pending.pop(key).set()
 
+    def hold(self, owner: object, size: int) -> None:
+        """Count ``size`` bytes that ``owner`` keeps outside the store (a session's decoded image, a dataset job's
+        files) against the budget for as long as ``owner`` lives, evicting least recently used entries to
+        make room. Released when ``owner`` is garbage collected."""
+        with self._lock:
+            token = self._next_token
+            self._next_token += 1
+            self._held[token] = size
+            self._evict(self.budget - sum(self._held.values()))
+        weakref.finalize(owner, self._release, token)
+
+    def _release(self, token: int) -> None:
+        with self._lock:
+            self._held.pop(token, None)
+
+    def _evict(self, room: int) -> None:
+        """Drop least recently used entries until they take at most ``room`` bytes."""
+        while self._entries and self._used > room:
+            self._remove(next(iter(self._entries)))
+            self._evictions += 1
+
     def discard(self, key: Hashable) -> None:
         with self._lock:
             self._remove(key)
@@ -179,7 +204,7 @@ class ByteBudgetStore:
     def stats(self) -> StoreStats:
         with self._lock:
             return StoreStats(self.budget, self._used, len(self._entries), self._hits, self._misses,
-                              self._evictions, self._not_kept)
+                              self._evictions, self._not_kept, sum(self._held.values()))
 
     def _remove(self, key: Hashable) -> None:
         entry = self._entries.pop(key, None)

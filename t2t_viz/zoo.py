@@ -39,7 +39,7 @@ from .models import CheckpointError, read_checkpoint
 __all__ = [
     'DEFAULT_MODELS', 'PRESETS', 'DEFAULT_PRESET', 'PRETRAINED_TAGS', 'WeightsInfo', 'LoadedModel',
     'WeightsError', 'load', 'resolve_device', 'weights_status', 'checkpoint_candidates', 'checkpoint_folder',
-    'download', 'remote_weights', 'build_on_meta', 'check_input_size', 'check_name', 'split_name',
+    'download', 'remote_weights', 'build_on_meta', 'check_input_size', 'check_name', 'split_name', 'data_config',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -400,7 +400,9 @@ def load(
         raise memory.InsufficientMemory(
             f'{name}: its weights take {memory.format_bytes(needed)}, over the {memory.format_bytes(max_weight_bytes)} '
             'this server allows for one model')
-    memory.check_fits(needed, f'{name} (weights)')
+    memory.check_fits(needed, f'{name} (weights)')  # every path builds on the CPU first
+    if torch_device.type != 'cpu':
+        memory.check_fits(needed, f'{name} (weights)', device=torch_device)
 
     if checkpoint:
         if not Path(checkpoint).is_file():
@@ -424,11 +426,21 @@ def load(
         _logger.info('%s: %s', name, weights.describe())
     if torch_device.type != 'cpu':  # every path builds on the CPU
         model = model.to(torch_device)
-    data_config = resolve_data_config(model=model)
+    config = _data_config(model, img_size)
+    return LoadedModel(arch, model, weights, config, torch_device, img_size or config['input_size'][-1], request=name)
+
+
+def _data_config(model: nn.Module, img_size: Optional[int]) -> dict:
+    config = resolve_data_config(model=model)
     if img_size:
-        data_config['input_size'] = (3, img_size, img_size)
-    return LoadedModel(arch, model, weights, data_config, torch_device, img_size or data_config['input_size'][-1],
-                       request=name)
+        config['input_size'] = (3, img_size, img_size)
+    return config
+
+
+def data_config(name: str, img_size: Optional[int] = None) -> dict:
+    """The resize, crop, mean and std :func:`load` would give ``name`` at ``img_size``, without loading it."""
+    arch, _ = split_name(name)
+    return _data_config(build_on_meta(name, img_size if img_size and _supports_img_size(arch) else None), img_size)
 
 
 def weights_status(name: str, directory: Optional[Path] = None) -> WeightsInfo:

@@ -2,6 +2,7 @@
 import csv
 import dataclasses
 import functools
+import gc
 import http.server
 import io
 import threading
@@ -80,7 +81,7 @@ def test_every_tab_renders(chelsea):
     at.session_state['explore_tab'] = 'Norms & massive'
     at.run()
     criteria = at.multiselect(key='nm_criteria')
-    assert len(criteria.value) == 2 and criteria.value[0].startswith('Sun et al.')
+    assert len(criteria.value) == 3 and criteria.value[0].startswith('Sun et al.')
     criteria.set_value(criteria.value[1:]).run()
     assert not at.exception
 
@@ -99,6 +100,72 @@ def test_feature_map_views_and_layer_steps():
         assert not at.exception, view
     at.selectbox(key='fm_model').set_value('t2t_vit_7').run()
     assert not at.exception
+
+
+@pytest.fixture
+def media(monkeypatch):
+    """Every file the app hands to Streamlit's media storage (pictures, downloads), by the id in its url."""
+    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+    files = {}
+    original = MemoryMediaFileStorage.load_and_get_id
+
+    def recording(self, path_or_data, mimetype, kind, filename=None):
+        file_id = original(self, path_or_data, mimetype, kind, filename)
+        files[file_id] = path_or_data
+        return file_id
+
+    monkeypatch.setattr(MemoryMediaFileStorage, 'load_and_get_id', recording)
+    return lambda url: files[url.rsplit('/', 1)[1].split('.')[0]]
+
+
+def _pictures(at, media, caption_start: str):
+    return [Image.open(io.BytesIO(media(image.url))) for element in at.get('image') for image in element.proto.imgs
+            if image.caption.startswith(caption_start)]
+
+
+def test_overlays_lie_on_the_image_the_model_saw(media):
+    """chelsea is 451x300; every model saw a 224x224 centre crop of it, so every overlay is drawn on that."""
+    at = _app()
+    at.checkbox(key='fm_overlay').check().run()
+    overlays = _pictures(at, media, 'over the image the model saw')
+    for view in ('PCA colours', 'token norms'):
+        at.radio(key='fm_view').set_value(view).run()
+        overlays += _pictures(at, media, 'over the image the model saw')
+    assert not at.exception and len(overlays) == 3
+    assert {picture.size for picture in overlays} == {(224, 224)}
+
+
+def test_norms_tab_shows_prefix_tokens_and_layers_whose_median_is_zero():
+    at = _app()
+    at.session_state['explore_tab'] = 'Norms & massive'
+    at.run()
+    table = at.dataframe[0].value
+    vit = table[table.model == 'vit_tiny_patch16_224']
+    assert (vit.prefix_tokens == 1).all() and (vit.prefix_max_abs > 0).all()  # the class token of every block
+    assert (table[table.model == 'resnet18'].prefix_tokens == 0).all()
+    assert 'prefix tokens (class, registers)' in at.get('plotly_chart')[0].proto.spec
+
+
+def test_explore_csv_equals_the_clis_and_the_image_is_counted_in_the_budget(tmp_path, monkeypatch, media):
+    from t2t_viz.cli import main
+    from t2t_viz.images import decoded_bytes, sample_photo
+    checkpoints = tmp_path / 'checkpoints'
+    checkpoints.mkdir()
+    for name in SMALL.split(','):  # the same weights for the app and the CLI
+        torch.save(timm.create_model(name).state_dict(), checkpoints / f'{name}.pth')
+    gc.collect()  # images of earlier tests' sessions are released
+    held_before = store().stats().held
+    at = _app()
+    held = store().stats().held - held_before
+    assert held == decoded_bytes(at.session_state.image) == 451 * 300 * 4  # 32-bit RGB pixels
+    at.session_state['explore_tab'] = 'Dead channels'
+    at.run()
+    explore_csv = media(next(b for b in at.get('download_button') if b.label == 'Download CSV').proto.url)
+    name, content = sample_photo('chelsea (cat)')
+    (tmp_path / name).write_bytes(content)
+    monkeypatch.chdir(tmp_path)
+    assert main(['stats', name, *[a for m in SMALL.split(',') for a in ('--model', m)], '-o', 'cli.csv']) == 0
+    assert explore_csv.decode() == (tmp_path / 'cli.csv').read_text()
 
 
 def test_upload_png_and_bad_upload_keep_working(chelsea):
@@ -189,6 +256,7 @@ def test_dataset_mode_names_bad_files_and_writes_the_clis_csvs(tmp_path, monkeyp
     assert {'Download per-image CSV', 'Download per-channel CSV'} <= {b.label for b in at.get('download_button')}
     assert len(at.get('plotly_chart')) == 6  # five band charts and the heatmap
     job = at.session_state.dataset_job
+    assert store().stats().held >= sum(len(content) for _, content, _ in files)  # the job's files are counted
     for name, content, _ in files:
         (tmp_path / name).write_bytes(content)
     monkeypatch.chdir(tmp_path)

@@ -1,8 +1,9 @@
 """Statistics over many images: uploads and zips, streaming aggregates, the same CSV as the CLI."""
+import gc
 import io
 import math
 import os
-import tracemalloc
+import warnings
 import zipfile
 
 import pytest
@@ -69,27 +70,49 @@ def test_csv_equals_the_cli_byte_for_byte(tmp_path, chelsea, monkeypatch):
     assert run.per_channel_csv() == (tmp_path / 'cli_channels.csv').read_text()
 
 
-def test_memory_does_not_grow_with_the_number_of_images(chelsea):
+def _live_tensor_bytes() -> int:
+    """Bytes of every tensor storage reachable from Python, after collecting garbage (tracemalloc never
+    sees tensor storage: PyTorch allocates it outside Python's allocator)."""
+    gc.collect()
+    storages = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)  # isinstance on torch.distributed's deprecated aliases
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and not obj.is_meta:
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def test_live_tensor_bytes_sees_kept_maps():
+    before = _live_tensor_bytes()
+    kept = [torch.ones(4, 1024, 1024) for _ in range(4)]  # 64 MiB
+    assert _live_tensor_bytes() - before == 64 * 2**20
+    del kept
+
+
+def test_memory_does_not_grow_with_the_number_of_images(chelsea, monkeypatch):
     models = {'t2t_vit_7': _loaded('t2t_vit_7')}
     run = StatsRun(models, open(os.devnull, 'w'))
     batch = [NamedImage(f'{i}.png', chelsea.resize((64, 64))) for i in range(2)]
     run.add_batch(batch)  # warm up: aggregates and counters for every layer now exist
-    tracemalloc.start()
-    run.add_batch(batch)
-    after_one = tracemalloc.get_traced_memory()[0]
+    after_one = _live_tensor_bytes()
     for _ in range(6):
         run.add_batch(batch)
-    growth = tracemalloc.get_traced_memory()[0] - after_one
-    tracemalloc.stop()
-    assert run.images_done == 16
-    assert growth < 64 * 1024, growth  # a few bytes of Python bookkeeping, no maps, no rows
+    assert run.images_done == 14
+    assert _live_tensor_bytes() - after_one == 0  # no maps, no statistics tensors, nothing per image
     bands = depth_bands(run.aggregates.values())
     assert len(bands) == 1 and len(bands[0].labels) == 7  # the blocks of t2t_vit_7
     band = bands[0]
     assert (band.low['dead_fraction'] <= band.mean['dead_fraction']).all()
     assert (band.mean['dead_fraction'] <= band.high['dead_fraction']).all()
     layers = run.counter.layers('t2t_vit_7')
-    assert len(layers) == 13 and layers[0][1].images == 16
+    assert len(layers) == 13 and layers[0][1].images == 14
+
+    kept = []  # the measurement catches a run that keeps what it should drop
+    monkeypatch.setattr(run, '_add', lambda item, result: kept.append(result))
+    run.add_batch(batch)
+    assert _live_tensor_bytes() - after_one > 100_000
 
 
 @pytest.mark.parametrize('procedures', [('real_forward', 'paper_notebook')])
@@ -115,3 +138,26 @@ def test_dead_frequency_matrix_pads_narrow_layers_and_orders_by_depth():
         counter.add('m', 'random', summary('a', 0, [0], 2))
     expected = torch.tensor([[1.0, 0.0, math.nan, math.nan], [0.0, 1.0, 0.0, 0.5]], dtype=torch.float64)
     torch.testing.assert_close(counter.frequency_matrix('m'), expected, equal_nan=True)
+
+
+def test_a_batch_is_run_only_beside_what_resizing_its_largest_photo_needs(monkeypatch):
+    from PIL import Image
+    from t2t_viz import memory
+    from t2t_viz.images import preprocess_bytes
+    from t2t_viz.pipeline import memory_estimate
+    loaded = _loaded('resnet18')
+    photo = Image.new('RGB', (4000, 3000), (90, 120, 30))  # 12 MP
+    resizing = preprocess_bytes(photo, loaded.data_config)
+    one = memory_estimate('resnet18', 224, 1, keep_maps=False).peak
+    two = memory_estimate('resnet18', 224, 2, keep_maps=False).peak
+    run = StatsRun({'resnet18': loaded}, io.StringIO())
+    images = [NamedImage('big.png', photo), NamedImage('small.png', photo.resize((64, 48)))]
+    passes = []
+    monkeypatch.setattr('t2t_viz.dataset.inspect_images', lambda loaded, chunk, *a, **k: passes.append(len(chunk))
+                        or [])
+    monkeypatch.setattr(memory, 'available_bytes', lambda device=None: resizing + (one + two) // 2)
+    run.add_batch(images, {('resnet18', 'real_forward'): 2})
+    assert passes == [1, 1]  # two images would fit without the photo's resize, not beside it
+    monkeypatch.setattr(memory, 'available_bytes', lambda device=None: resizing + one - 1)
+    with pytest.raises(memory.InsufficientMemory, match='for one image'):
+        run.add_batch(images, {('resnet18', 'real_forward'): 2})

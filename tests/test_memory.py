@@ -114,7 +114,7 @@ def test_model_too_large_is_refused_before_it_is_built(monkeypatch, empty_cache_
         return original(arch, tag, pretrained, img_size, **kwargs)
 
     monkeypatch.setattr(zoo, '_create', spy)
-    monkeypatch.setattr(memory, 'available_bytes', lambda: 200 * 2**20)
+    monkeypatch.setattr(memory, 'available_bytes', lambda device=None: 200 * 2**20)
     with pytest.raises(InsufficientMemory, match=r'vit_large_patch16_224 \(weights\) needs about 1.1 GiB, '
                                                  r'but only 200.0 MiB'):
         zoo.load('vit_large_patch16_224', device='cpu', allow_download=False)
@@ -136,3 +136,80 @@ def test_estimates_are_kept_on_disk_for_the_same_code_only(tmp_path):
     unwritable = memory.EstimateStore(blocked / 'estimates.json')  # its folder cannot be made
     unwritable.put('k', memory.MemoryEstimate(1, 1, 1))
     assert unwritable.get('k') == memory.MemoryEstimate(1, 1, 1)  # still known to this process
+
+
+def _cgroup_tree(root, lines, files):
+    proc = root / 'cgroup'
+    proc.write_text(lines)
+    for relative, text in files.items():
+        path = root / 'fs' / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return proc, root / 'fs'
+
+
+def test_cgroup_v2_limit_is_the_tightest_of_the_cgroup_and_its_parents(tmp_path):
+    proc, root = _cgroup_tree(tmp_path, '0::/app/worker\n', {
+        'app/memory.max': str(3 * 2**30), 'app/memory.current': str(2**30), 'app/memory.stat': 'anon 1\n',
+        'app/worker/memory.max': 'max', 'app/worker/memory.current': str(2**29),
+        'app/worker/memory.stat': 'anon 5\ninactive_file 1000\n'})
+    assert memory.cgroup_available(proc, root) == 2 * 2**30  # the parent's 3 GiB, 1 GiB of it used
+    (root / 'app/worker/memory.max').write_text(str(2**30))
+    assert memory.cgroup_available(proc, root) == 2**30 - 2**29 + 1000  # reclaimable page cache is not in use
+
+
+def test_cgroup_v1_limit_and_no_limit(tmp_path):
+    proc, root = _cgroup_tree(tmp_path, '4:memory:/job\n3:cpu:/\n', {
+        'memory/job/memory.limit_in_bytes': str(4 * 2**30), 'memory/job/memory.usage_in_bytes': str(2**30),
+        'memory/job/memory.stat': 'total_inactive_file 0\n',
+        'memory/memory.limit_in_bytes': '9223372036854771712'})
+    assert memory.cgroup_available(proc, root) == 3 * 2**30
+    (root / 'memory/job/memory.limit_in_bytes').write_text('9223372036854771712')  # v1's "unlimited"
+    assert memory.cgroup_available(proc, root) is None
+    assert memory.cgroup_available(tmp_path / 'missing', root) is None
+
+
+def test_a_container_limit_refuses_what_the_host_could_hold(monkeypatch):
+    monkeypatch.setattr(memory, 'cgroup_available', lambda: 100 * 2**20)  # a 100 MiB container on a big host
+    assert memory.available_bytes() == 100 * 2**20
+    with pytest.raises(InsufficientMemory, match='needs about 1.1 GiB, but only 100.0 MiB of memory'):
+        zoo.load('vit_large_patch16_224', device='cpu', allow_download=False)
+
+
+def test_cuda_runs_are_held_against_free_gpu_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (3 * 2**30, 80 * 2**30))
+    assert memory.available_bytes('cuda') == 3 * 2**30
+    memory.check_fits(2 * 2**30, 'a run', device=torch.device('cuda'))
+    with pytest.raises(InsufficientMemory, match='needs about 4.0 GiB, but only 3.0 GiB of GPU memory'):
+        memory.check_fits(4 * 2**30, 'a run', device='cuda')
+
+
+@pytest.mark.parametrize('size', [224, 2048])
+def test_resizing_an_upload_allocates_no_more_than_counted(size):
+    """Peak RSS of preprocessing a 48 MP photo, measured in a fresh process, against what the checks count."""
+    import json
+    import subprocess
+    import sys
+    child = '''
+import json, sys
+from PIL import Image
+from t2t_viz.images import preprocess, preprocess_bytes
+from t2t_viz.memory import INPUT_COPIES
+
+def peak():
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM:'))
+
+size = int(sys.argv[1])
+config = dict(input_size=(3, size, size), interpolation='bicubic', mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.875)
+image = Image.new('RGB', (8000, 6000), (10, 20, 30))
+preprocess(Image.new('RGB', (64, 48)), config)  # the transforms' first-call set-up is not the resize
+with open('/proc/self/clear_refs', 'w') as f:
+    f.write('5')  # the peak starts again from the current RSS
+before = peak()
+x = preprocess(image, config)
+print(json.dumps(dict(measured=peak() - before, counted=preprocess_bytes(image, config) + INPUT_COPIES * x.numel() * 4)))
+'''
+    result = json.loads(subprocess.run([sys.executable, '-c', child, str(size)], capture_output=True, text=True,
+                                       check=True).stdout)
+    assert result['counted'] >= result['measured'] > 0.4 * result['counted'], result

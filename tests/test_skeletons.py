@@ -66,18 +66,21 @@ def test_only_a_skeleton_that_nobody_else_can_write_is_read(builds, caplog):
     zoo.build_on_meta('resnet18')
     (path,) = skeletons.folder().glob('*.pkl')
     path.chmod(0o666)
-    with caplog.at_level(logging.WARNING, logger='t2t_viz.skeletons'):
+    with caplog.at_level(logging.WARNING, logger='t2t_viz.cachefiles'):
         zoo.build_on_meta('resnet18')
-    assert len(builds) == 2 and 'another user can write it' in caplog.text
+    assert len(builds) == 2 and 'another user owns it or can write it' in caplog.text
     assert path.stat().st_mode & 0o777 == 0o600  # written again, for this user alone
     skeletons.folder().chmod(0o777)
     try:
+        path.unlink()
         zoo.build_on_meta('resnet18')
+        assert not list(skeletons.folder().iterdir())  # nothing written into a folder others can write
     finally:
         skeletons.folder().chmod(0o700)
-    assert len(builds) == 3 and 'another user can write this folder' in caplog.text
+    assert len(builds) == 3 and 'nothing is read from or written to this folder' in caplog.text
     zoo.build_on_meta('resnet18')
-    assert len(builds) == 3
+    zoo.build_on_meta('resnet18')
+    assert len(builds) == 4  # kept again once the folder is this user's alone
 
 
 @pytest.mark.parametrize('content', [b'not a pickle', pickle.dumps({'not': 'a module'})])

@@ -79,5 +79,22 @@ def test_default_budget_from_environment(monkeypatch):
     monkeypatch.delenv('T2T_VIZ_CACHE_BYTES')
     monkeypatch.setenv('T2T_VIZ_CACHE_FRACTION', '0.1')
     from t2t_viz import memory
-    monkeypatch.setattr(memory, 'available_bytes', lambda: 10 * 2**30)
+    monkeypatch.setattr(memory, 'available_bytes', lambda device=None: 10 * 2**30)
     assert default_budget() == 2**30
+
+
+def test_bytes_held_outside_the_store_count_against_its_budget_while_their_owner_lives():
+    import gc
+    from PIL import Image
+    from t2t_viz.images import decoded_bytes
+    store = ByteBudgetStore(budget=1000)
+    store.put('a', np.zeros(400, dtype=np.uint8))
+    store.put('b', np.zeros(400, dtype=np.uint8))
+    image = Image.new('RGB', (10, 10))  # 400 bytes: Pillow keeps RGB pixels in 32 bits
+    store.hold(image, decoded_bytes(image))
+    assert store.stats().held == 400 and store.get('a') is None and store.get('b') is not None  # 'a' made room
+    assert not store.put('c', np.zeros(700, dtype=np.uint8))  # more than the budget leaves beside the image
+    del image
+    gc.collect()
+    assert store.stats().held == 0
+    assert store.put('c', np.zeros(600, dtype=np.uint8))

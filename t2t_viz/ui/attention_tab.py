@@ -18,7 +18,6 @@ from ..images import preprocess
 from ..models import T2TViT
 from ..pipeline import ModelResult
 from ..render import blend, channel_grid, map_picture, png_bytes
-from ..views import denormalize
 from .resources import load_model, rollout_fits, run_fits, store
 from .sidebar import Settings
 
@@ -97,12 +96,12 @@ def render(results: Dict[str, ModelResult], settings: Settings, img_size: int) -
     sources = [BACKBONE] + (list(T2T_LAYERS) if isinstance(loaded.model, T2TViT) else [])
     source = top[1].radio('Attention of', sources, horizontal=True, key='at_source')
     try:
-        run_fits(name, img_size, 'real_forward', None, settings.device)
+        run_fits(name, img_size, 'real_forward', None, settings.device, st.session_state.image)
     except memory.InsufficientMemory as e:
         st.error(str(e))
         return
     result = results[name]
-    seen = denormalize(result.capture.input, loaded.data_config['mean'], loaded.data_config['std'])
+    seen = result.seen_image()
     x = preprocess(st.session_state.image, loaded.data_config)  # (1, 3, H, W), as the forward pass saw it
     base_key = ('attention', st.session_state.image_key, name, img_size, settings.device, loaded.weights.location)
     st.caption('Recomputed exactly from the captured input of the chosen block (the forward pass keeps its fused '

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -17,8 +18,9 @@ from ..dataset import Failure, NamedImage, StatsRun, count_inputs, depth_bands, 
 from ..images import SAMPLE_PHOTOS, ImageError, sample_photo
 from ..procedures import PAPER_NOTEBOOK
 from ..render import map_picture, png_bytes, side_by_side
+from ..views import log_axis_top, on_log_axis
 from .explore import PLOT_CONFIG
-from .resources import load_model, model_result
+from .resources import load_model, model_result, store
 from .sidebar import Settings
 
 __all__ = ['page', 'DatasetJob', 'DATASET_SIZES']
@@ -86,7 +88,8 @@ def _start(settings: Settings, files: List[Tuple[str, bytes]], img_size: int, pr
         try:
             models[name] = load_model(name, img_size, settings.device)
             for procedure in procedures:
-                batches[name, procedure] = fitting_batch(name, img_size, batch_size, procedure)
+                batches[name, procedure] = fitting_batch(name, img_size, batch_size, procedure,
+                                                         device=zoo.resolve_device(settings.device))
         except (zoo.WeightsError, ImageError, memory.InsufficientMemory, ValueError, RuntimeError) as e:
             st.error(f'{name}: {e}')
             models.pop(name, None)
@@ -95,8 +98,9 @@ def _start(settings: Settings, files: List[Tuple[str, bytes]], img_size: int, pr
     rows_file = tempfile.TemporaryFile('w+', newline='')
     run = StatsRun(models, rows_file, settings.thresholds, procedures)
     total = count_inputs(files)
-    st.session_state.dataset_job = DatasetJob(run, expand_uploads(files), total, batch_size, batches, img_size,
-                                              rows_file)
+    job = DatasetJob(run, expand_uploads(files), total, batch_size, batches, img_size, rows_file)
+    store().hold(job, sum(len(data) for _, data in files))  # the files' bytes, kept until the job is dropped
+    st.session_state.dataset_job = job
 
 
 def _run(job: DatasetJob) -> None:
@@ -114,16 +118,27 @@ def _run(job: DatasetJob) -> None:
 
 
 def _band_chart(series, column: str, title: str, log: bool = False) -> go.Figure:
+    """Mean over images with a min-max band. On a log axis an infinite value (a median |x| of 0 in some
+    image) is drawn at the top edge and labelled, not dropped."""
     figure = go.Figure()
+    values = [v for s in series for part in (s.low, s.mean, s.high) for v in part[column].tolist()]
+    top = log_axis_top(values)
+
+    def shown(numbers) -> list:
+        return [on_log_axis(v, top) for v in numbers] if log else list(numbers)
+
     for i, s in enumerate(series):
         color = _COLORS[i % len(_COLORS)]
         label = s.model + ('' if s.procedure == REAL_FORWARD else f' ({s.procedure})')
         x = s.relative_depth.tolist()
-        figure.add_trace(go.Scatter(x=x + x[::-1], y=s.high[column].tolist() + s.low[column].tolist()[::-1],
+        figure.add_trace(go.Scatter(x=x + x[::-1], y=shown(s.high[column].tolist() + s.low[column].tolist()[::-1]),
                                     fill='toself', fillcolor=color, opacity=0.2, line=dict(width=0),
                                     hoverinfo='skip', name=f'{label} min-max', showlegend=False))
-        figure.add_trace(go.Scatter(x=x, y=s.mean[column].tolist(), mode='lines+markers', line=dict(color=color),
-                                    name=label, text=s.labels, hovertemplate='%{text}: %{y:.3g}<extra></extra>'))
+        means = s.mean[column].tolist()
+        figure.add_trace(go.Scatter(
+            x=x, y=shown(means), mode='lines+markers+text' if log else 'lines+markers', line=dict(color=color),
+            name=label, customdata=s.labels, hovertemplate='%{customdata}: %{y:.3g}<extra></extra>',
+            text=['median 0' if log and math.isinf(v) else '' for v in means], textposition='bottom center'))
     figure.update_layout(title=title, xaxis_title='relative depth', yaxis_title=column, height=380,
                          yaxis_type='log' if log else 'linear')
     return figure

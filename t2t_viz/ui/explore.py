@@ -8,6 +8,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import pandas as pd
 import plotly.express as px
+import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
@@ -20,7 +21,7 @@ from ..procedures import PAPER_NOTEBOOK, describe
 from ..render import (blend, channel_grid, map_picture, norm_image, order_channels, overlay, pca_image, png_bytes,
                       upscale)
 from ..stats import LayerSummary, csv_text
-from ..views import compare_depths, denormalize, depth_curves, soft_split_windows, t2t_steps
+from ..views import compare_depths, depth_curves, log_axis_top, on_log_axis, soft_split_windows, t2t_steps
 from . import attention_tab
 from .resources import load_model, model_result
 from .sidebar import Settings
@@ -35,6 +36,7 @@ COMPARE_CELL = 64  # pixels per channel tile in the Compare panels
 GRID_CELL = 64  # pixels per channel tile in the Feature maps grid: small pictures redraw fast
 PROGRESS_INTERVAL_S = 0.5  # progress bars update at most this often (each update is a browser redraw)
 PLOT_CONFIG = {'toImageButtonOptions': {'format': 'png', 'scale': 2}, 'displaylogo': False}
+SEEN_CAPTION = 'over the image the model saw (resized and centre-cropped as in its forward pass)'
 
 
 def run_models(settings: Settings, img_size: int, procedure: str = REAL_FORWARD,
@@ -133,26 +135,26 @@ def _feature_maps_tab(results: Dict[str, ModelResult]) -> None:
                f'(red), {summary.massive} massive (orange), {summary.flat} flat (blue); {summary.high_norm_tokens} '
                f'high-norm tokens; {_ratio(summary)}.' + _pooled_note(layer))
     if view == 'channels':
-        _channels_view(name, layer, summary)
+        _channels_view(name, result, layer, summary)
     elif view == 'PCA colours':
         picture = pca_image(layer.fmap)
         left, right = st.columns(2)
         left.image(upscale(picture, 320), caption='first three principal components of the tokens as RGB')
-        right.image(blend(picture, st.session_state.image, 0.6, Image.NEAREST), caption='over the image')
+        right.image(blend(picture, result.seen_image(), 0.6, Image.NEAREST), caption=SEEN_CAPTION)
         _download_png('Download PCA map', lambda: upscale(picture, 512), f'{name}_{layer.label}_pca.png', 'fm_pca_png')
     else:
         picture = norm_image(summary.token_norms, summary.high_norm_mask(), min_side=320)
         left, right = st.columns(2)
         left.image(picture, caption=f'token L2 norms; outlined: over {summary.high_norm_factor:g}x the median '
                                     f'{summary.median_token_norm:.3g}')
-        right.image(blend(picture, st.session_state.image, 0.6, Image.NEAREST), caption='over the image')
+        right.image(blend(picture, result.seen_image(), 0.6, Image.NEAREST), caption=SEEN_CAPTION)
         _download_png('Download norm map', lambda: picture, f'{name}_{layer.label}_norms.png', 'fm_norm_png')
         st.dataframe(pd.DataFrame([dict(value=t.value, channel=t.channel, row=t.row, col=t.col,
                                         ratio_to_median=abs(t.value) / summary.median_abs if summary.median_abs else
                                         math.inf) for t in summary.top]), hide_index=True)
 
 
-def _channels_view(name: str, layer: Layer, summary: LayerSummary) -> None:
+def _channels_view(name: str, result: ModelResult, layer: Layer, summary: LayerSummary) -> None:
     left, middle, right = st.columns(3)
     count = left.slider('Channels shown', 1, layer.channels, min(64, layer.channels), key='fm_count')
     sort = middle.selectbox('Order', ('index', 'max', 'mean'), key='fm_sort')
@@ -166,11 +168,11 @@ def _channels_view(name: str, layer: Layer, summary: LayerSummary) -> None:
         st.info('No flagged channels in this layer.')
     if st.session_state.get('fm_channel', 0) >= layer.channels:
         st.session_state.fm_channel = 0
-    _channel_detail(layer, summary)
+    _channel_detail(result, layer, summary)
 
 
 @st.fragment
-def _channel_detail(layer: Layer, summary: LayerSummary) -> None:
+def _channel_detail(result: ModelResult, layer: Layer, summary: LayerSummary) -> None:
     """One channel; its own fragment, so stepping through channels redraws only this."""
     channel = st.number_input('Channel', 0, layer.channels - 1, key='fm_channel')
     values = layer.fmap[channel].float()
@@ -182,7 +184,7 @@ def _channel_detail(layer: Layer, summary: LayerSummary) -> None:
     left, right = st.columns(2)
     left.image(map_picture(values, 256), caption=f'channel {channel}')
     if right.checkbox('Over the image', key='fm_overlay'):
-        right.image(overlay(values, st.session_state.image), caption='over the image')
+        right.image(overlay(values, result.seen_image()), caption=SEEN_CAPTION)
     if st.checkbox('Interactive heatmap (values on hover)', key='fm_heatmap_on'):
         figure = {'data': [{'type': 'heatmap', 'z': values.numpy(), 'colorscale': 'Viridis',
                             'colorbar': {'title': 'value'}}],
@@ -283,7 +285,7 @@ def _stages_tab(results: Dict[str, ModelResult], settings: Settings, img_size: i
                     markers=True, log_y=True, title='Token count through the T2T module')
     st.plotly_chart(chart, key='st_chart', config=PLOT_CONFIG)
     loaded = load_model(name, img_size, settings.device)
-    model_input = denormalize(result.capture.input, loaded.data_config['mean'], loaded.data_config['std'])
+    model_input = result.seen_image()
     if step.layer_index is None:
         st.image(model_input, caption='input as the model sees it')
     else:
@@ -301,29 +303,67 @@ def _norms_tab(results: Dict[str, ModelResult]) -> None:
     curves = pd.DataFrame(depth_curves(results))
     if curves.empty:
         return
-    criteria = {
-        "Sun et al. (|x| > 100 and > 1000x the median |x|)": curves.sun_massive > 0,
-        'ours (a channel whose max |x| is over the massive factor x the median channel max)': curves.massive_count > 0,
-    }
-    marked_by = st.multiselect('Mark layers with massive activations by', list(criteria), default=list(criteria),
-                               key='nm_criteria')
-    figure = px.line(curves, x='relative_depth', y='max_abs_ratio', color='model', markers=True, log_y=True,
-                     hover_data=['label', 'max_abs', 'max_abs_channel', 'max_abs_position', 'sun_massive',
-                                 'massive_count'],
-                     title='largest |activation| / median |activation| per layer')
-    for (criterion, mask), symbol in zip(criteria.items(), ('x', 'circle-open')):
-        if criterion in marked_by:
-            marked = curves[mask]
-            figure.add_scatter(x=marked.relative_depth, y=marked.max_abs_ratio, mode='markers',
-                               name=criterion.split(' (')[0], marker=dict(symbol=symbol, size=13, color='red'))
-    if any(c.startswith('Sun') for c in marked_by):
-        figure.add_hline(y=1000, line_dash='dot', annotation_text='1000x median')
-    st.plotly_chart(figure, key='nm_ratio', config=PLOT_CONFIG)
+    st.plotly_chart(norms_figure(curves, st.multiselect(
+        'Mark layers with massive activations by', list(MASSIVE_CRITERIA), default=list(MASSIVE_CRITERIA),
+        key='nm_criteria')), key='nm_ratio', config=PLOT_CONFIG)
     st.plotly_chart(px.line(curves, x='relative_depth', y='high_norm_fraction', color='model', markers=True,
                             hover_data=['label'], title='fraction of high-norm tokens per layer'),
                     key='nm_high_norm', config=PLOT_CONFIG)
-    st.dataframe(curves[['model', 'label', 'layer', 'max_abs', 'max_abs_ratio', 'max_abs_channel', 'max_abs_position',
-                         'sun_massive', 'massive_count', 'high_norm_fraction']], hide_index=True)
+    columns = ['model', 'label', 'layer', 'max_abs', 'median_abs', 'max_abs_ratio', 'max_abs_channel',
+               'max_abs_position', 'sun_massive', 'massive_count', 'high_norm_fraction']
+    prefix_columns = ['prefix_tokens', 'prefix_max_abs', 'prefix_max_abs_token', 'prefix_max_abs_ratio',
+                      'prefix_max_norm', 'prefix_sun_massive', 'prefix_high_norm_tokens']
+    st.dataframe(curves[columns + (prefix_columns if (curves.prefix_tokens > 0).any() else [])], hide_index=True)
+    if (curves.prefix_tokens > 0).any():
+        st.caption('Prefix tokens (class token first, then distillation and register tokens) are not part of the '
+                   "maps; their largest |x| is held against the grid's median |x|, their norms against its median "
+                   'token norm.')
+
+
+MASSIVE_CRITERIA = {
+    "Sun et al. (|x| > 100 and > 1000x the median |x|)": 'sun_massive',
+    'ours (a live channel whose max |x| is over the massive factor x the median live channel max)': 'massive_count',
+    "prefix tokens over Sun et al.'s bar": 'prefix_sun_massive',
+}
+
+
+def norms_figure(curves: pd.DataFrame, marked_by) -> go.Figure:
+    """The largest |x| over the median |x| per layer on a log axis. A layer whose median |x| is 0 (many
+    ReLU layers) has an infinite ratio: it is drawn at the top edge, labelled "median 0", not dropped."""
+    top = log_axis_top(list(curves.max_abs_ratio) + list(curves.prefix_max_abs_ratio))
+    curves = curves.assign(ratio_shown=[on_log_axis(v, top) for v in curves.max_abs_ratio],
+                           prefix_shown=[on_log_axis(v, top) for v in curves.prefix_max_abs_ratio],
+                           median_zero=curves.max_abs_ratio.map(math.isinf))
+    figure = px.line(curves, x='relative_depth', y='ratio_shown', color='model', markers=True, log_y=True,
+                     hover_data=['label', 'max_abs', 'median_abs', 'max_abs_channel', 'max_abs_position',
+                                 'sun_massive', 'massive_count'],
+                     labels={'ratio_shown': 'largest |x| / median |x|'},
+                     title='largest |activation| / median |activation| per layer')
+    at_top = curves[curves.median_zero]
+    if not at_top.empty:
+        figure.add_scatter(x=at_top.relative_depth, y=at_top.ratio_shown, mode='markers+text', text='median 0',
+                           textposition='bottom center', name='median |x| is 0 (ratio infinite)',
+                           customdata=at_top[['model', 'label', 'max_abs']],
+                           hovertemplate='%{customdata[0]} %{customdata[1]}: largest |x| %{customdata[2]:.3g}, '
+                                         'median |x| 0<extra></extra>',
+                           marker=dict(symbol='triangle-up', size=11, color='black'))
+    prefixed = curves[curves.prefix_shown.notna()]
+    if not prefixed.empty:
+        figure.add_scatter(x=prefixed.relative_depth, y=prefixed.prefix_shown, mode='markers',
+                           name='prefix tokens (class, registers)', customdata=prefixed[['model', 'label',
+                                                                                         'prefix_max_abs']],
+                           hovertemplate='%{customdata[0]} %{customdata[1]}: prefix tokens largest |x| '
+                                         '%{customdata[2]:.3g}<extra></extra>',
+                           marker=dict(symbol='diamond-open', size=10, color='purple'))
+    for (criterion, column), symbol in zip(MASSIVE_CRITERIA.items(), ('x', 'circle-open', 'diamond')):
+        if criterion in marked_by:
+            marked = curves[curves[column] > 0]
+            y = marked.prefix_shown if column.startswith('prefix') else marked.ratio_shown
+            figure.add_scatter(x=marked.relative_depth, y=y, mode='markers', name=criterion.split(' (')[0],
+                               marker=dict(symbol=symbol, size=13, color='red'))
+    if any(c.startswith(('Sun', 'prefix')) for c in marked_by):
+        figure.add_hline(y=1000, line_dash='dot', annotation_text='1000x median')
+    return figure
 
 
 def _dead_tab(results: Dict[str, ModelResult]) -> None:

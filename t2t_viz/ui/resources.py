@@ -14,11 +14,12 @@ from PIL import Image
 
 from .. import memory, zoo
 from ..capture import REAL_FORWARD
+from ..images import decoded_bytes, preprocess_bytes
 from ..pipeline import DISPLAY_DTYPE, DISPLAY_SIDE, ModelResult, display_estimate, inspect_images, rollout_estimate
 from ..stats import Thresholds
 from ..store import ByteBudgetStore
 
-__all__ = ['store', 'load_model', 'model_result', 'run_fits', 'rollout_fits', 'preload']
+__all__ = ['store', 'load_model', 'model_result', 'run_fits', 'rollout_fits', 'preload', 'hold_image']
 
 _logger = logging.getLogger(__name__)
 
@@ -63,20 +64,30 @@ def preload(names: Sequence[str], img_size: int, device: str) -> None:
     threading.Thread(target=work, name='t2t-viz-preload', daemon=True).start()
 
 
-def run_fits(name: str, img_size: int, procedure: str, layers: Optional[Tuple[str, ...]], device: str) -> None:
-    """Raise InsufficientMemory when this run (and its model, if not loaded yet) would not fit now."""
+def run_fits(name: str, img_size: int, procedure: str, layers: Optional[Tuple[str, ...]], device: str,
+             image: Optional[Image.Image] = None) -> None:
+    """Raise InsufficientMemory when this run (and its model, if not loaded yet) would not fit now, on the
+    device it runs on; ``image`` adds what resizing that image allocates (a 64 MP upload: hundreds of MB)."""
     estimate = display_estimate(name, img_size, procedure, layers)
     needed = estimate.peak
     if store().get(_model_key(name, img_size, device)) is None:
         needed += estimate.weights
-    memory.check_fits(needed, f'{name} at {img_size}x{img_size}')
+    if image is not None:
+        needed += preprocess_bytes(image, zoo.data_config(name, img_size))
+    memory.check_fits(needed, f'{name} at {img_size}x{img_size}', device=zoo.resolve_device(device))
 
 
 def rollout_fits(name: str, img_size: int, last_block: int, device: str) -> None:
     """Raise InsufficientMemory when an attention rollout through blocks 0..last_block would not fit now."""
     estimate = rollout_estimate(name, img_size, last_block)
     needed = estimate.peak + (estimate.weights if store().get(_model_key(name, img_size, device)) is None else 0)
-    memory.check_fits(needed, f'the rollout through {last_block + 1} blocks of {name}')
+    memory.check_fits(needed, f'the rollout through {last_block + 1} blocks of {name}',
+                      device=zoo.resolve_device(device))
+
+
+def hold_image(image: Image.Image) -> None:
+    """Count a session's decoded image against the store's budget while the session keeps it."""
+    store().hold(image, decoded_bytes(image))
 
 
 def model_result(image: Image.Image, image_key: str, name: str, img_size: int, device: str,
@@ -90,7 +101,7 @@ def model_result(image: Image.Image, image_key: str, name: str, img_size: int, d
     cached = shared.get(key)
     if cached is not None:
         return cached
-    run_fits(name, img_size, procedure, layers, device)
+    run_fits(name, img_size, procedure, layers, device, image)
     loaded = load_model(name, img_size, device)
     return shared.get_or_create(key, lambda: inspect_images(
         loaded, [image], thresholds, dtype=DISPLAY_DTYPE, max_side=DISPLAY_SIDE, layers=layers,

@@ -12,6 +12,7 @@ from .. import downloads, zoo
 from ..images import SAMPLE_PHOTOS, ImageError, image_hash, load_image, sample_photo
 from ..models import T2T_VIT_VARIANTS
 from ..stats import Thresholds
+from .resources import hold_image
 
 __all__ = ['Settings', 'image_picker', 'model_settings', 'weights_panel', 'default_models']
 
@@ -47,6 +48,7 @@ def image_picker() -> None:
     except ImageError as e:
         sidebar.error(str(e))
         return
+    hold_image(image)
     st.session_state.image_source = source
     st.session_state.image, st.session_state.image_name = image, name
     st.session_state.image_key = image_hash(image)

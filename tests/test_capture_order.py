@@ -1,0 +1,124 @@
+"""Where layers come from: points in execution order, other timm models, and the notebook procedure's families."""
+import pytest
+import timm
+import torch
+
+from t2t_viz import capture, procedures, zoo
+from t2t_viz.cli import main
+from t2t_viz.pipeline import inspect_images, layer_labels
+from t2t_viz.stats import layer_stats
+
+
+def _firing_order(model: torch.nn.Module, names, x: torch.Tensor):
+    """The order in which the named modules return during one real forward pass."""
+    fired, modules = [], dict(model.named_modules())
+    handles = [modules[name].register_forward_hook(lambda *args, name=name: fired.append(name)) for name in names]
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return fired
+
+
+@pytest.mark.parametrize('name, mlp_hidden', [('resnet18', False), ('resnet50', False),
+                                              ('vit_tiny_patch16_224', True), ('t2t_vit_7', True)])
+def test_points_are_in_execution_order(name, mlp_hidden):
+    model = timm.create_model(name).eval()
+    points = capture.layer_points(model, 224, 224, mlp_hidden)
+    names = [p.module_name for p in points]
+    assert _firing_order(model, names, torch.randn(1, 3, 224, 224)) == names
+
+
+def test_stopping_early_keeps_every_requested_layer():
+    model = timm.create_model('resnet18').eval()
+    captured = capture.run(model, torch.randn(1, 3, 64, 64), layers=['layer1', 'conv2'], stop_early=True)[0]
+    assert [layer.name for layer in captured.layers] == ['layer1.0.act1', 'layer1']
+    assert captured.logits is None
+
+
+def test_a_stage_reuses_its_last_relus_statistics_only_when_it_is_that_very_output(cloned_outputs):
+    model = timm.create_model('resnet18').eval()
+    x = torch.randn(1, 3, 64, 64)
+    calls = []
+    layers = capture.run(model, x, reduce=lambda fmap, prefix: calls.append(fmap.shape) or layer_stats(fmap))[0]
+    assert len(calls) == len(layers.layers) - 4  # the four stage outputs are their last ReLUs' outputs
+    stage, last_relu = layers.layer('layer2'), layers.layer('layer2.1.act2')
+    assert stage.stats is last_relu.stats
+    torch.testing.assert_close(stage.fmap, cloned_outputs(model, x, ['layer2'])['layer2'][0])
+
+
+OTHER_FAMILIES = ['convnext_atto', 'efficientnet_b0', 'mobilenetv3_small_100']
+
+
+@pytest.mark.parametrize('name', OTHER_FAMILIES)
+def test_other_timm_models_honour_the_display_options(name):
+    model = timm.create_model(name).eval()
+    x = torch.randn(1, 3, 256, 256)
+    count = capture.intermediate_count(model)
+    with torch.inference_mode():
+        expected = model.forward_intermediates(x, intermediates_only=True)
+    assert len(expected) == count
+    seen = []
+    full = capture.run(model, x, dtype=torch.float16, max_side=8, reduce=layer_stats,
+                       progress=lambda done, total: seen.append((done, total)))[0]
+    assert [layer.label for layer in full.layers] == [f'stage {i + 1}' for i in range(count)]
+    assert seen == [(i + 1, count) for i in range(count)] and full.logits is not None
+    for layer, map_ in zip(full.layers, expected):
+        assert layer.shape == tuple(map_.shape[1:])  # statistics and shapes from the full map
+        assert max(layer.fmap.shape[1:]) <= 8 and layer.fmap.dtype == torch.float16
+        assert float(layer.stats.channels.max_abs.max()) == pytest.approx(float(map_.abs().max()), rel=1e-5)
+    second = f'stage {min(2, count)}'
+    early = capture.run(model, x, layers=[second], stop_early=True)[0]
+    assert [layer.label for layer in early.layers] == [second] and early.logits is None
+    torch.testing.assert_close(early.layers[0].fmap, expected[min(2, count) - 1][0])
+
+
+def _loaded(name, img_size=64):
+    from timm.data import resolve_data_config
+    model = timm.create_model(name).eval()
+    return zoo.LoadedModel(name, model, zoo.WeightsInfo('random', False), resolve_data_config(model=model),
+                           img_size=img_size)
+
+
+NOTEBOOK_FAMILIES = {  # name: whether the paper's notebook procedure is defined for it
+    'resnet18': True, 'resnet50d': True, 'seresnet50': True, 'resnext26ts': False, 'vit_tiny_patch16_224': True,
+    'deit_tiny_distilled_patch16_224': True, 't2t_vit_7': True, 'efficientnet_b0': False,
+    'mobilenetv3_small_100': False, 'convnext_atto': False, 'regnetx_002': False, 'densenet121': False,
+    'swin_tiny_patch4_window7_224': False,
+}
+
+
+@pytest.mark.parametrize('name', sorted(NOTEBOOK_FAMILIES))
+def test_notebook_procedure_runs_or_refuses_in_one_line(name, chelsea):
+    loaded = _loaded(name, 224 if 'vit' in name or 'swin' in name or 'deit' in name else 64)
+    if NOTEBOOK_FAMILIES[name]:
+        result = inspect_images(loaded, [chelsea], procedure=procedures.PAPER_NOTEBOOK, layers=None)[0]
+        assert result.summaries and result.procedure in (procedures.PAPER_NOTEBOOK, procedures.NOTEBOOK_ANALOGUE)
+        assert [s.label for s in result.summaries] == layer_labels(loaded, procedures.PAPER_NOTEBOOK)
+        return
+    for attempt in (lambda: layer_labels(loaded, procedures.PAPER_NOTEBOOK),
+                    lambda: inspect_images(loaded, [chelsea], procedure=procedures.PAPER_NOTEBOOK)):
+        with pytest.raises(ValueError) as error:
+            attempt()
+        message = str(error.value)
+        assert '\n' not in message and type(loaded.model).__name__ in message and 'ResNets, ViTs' in message
+
+
+def test_seresnet_chain_leaves_out_the_squeeze_excitation_convs():
+    model = timm.create_model('seresnet50')
+    names = [name for name, _ in procedures.main_path_convs(model)]
+    assert len(names) == 49 and not any('.se.' in name for name in names)
+    assert len(procedures.main_path_convs(timm.create_model('resnet50d'))) == 51  # a deep stem of three convs
+
+
+def test_cli_refuses_the_notebook_procedure_for_other_families(tmp_path, chelsea, capsys, monkeypatch):
+    monkeypatch.setenv('T2T_VIZ_OFFLINE', '1')
+    chelsea.save(tmp_path / 'cat.png')
+    for command in (['stats', str(tmp_path / 'cat.png'), '-o', str(tmp_path / 's.csv')],
+                    ['figure2', str(tmp_path / 'cat.png'), '-o', str(tmp_path / 'f.png')]):
+        assert main(command + ['--model', 'efficientnet_b0', '--procedure', 'paper_notebook', '--img-size',
+                               '64']) == 2
+        error = capsys.readouterr().err  # the weights line, then one line of error
+        assert error.splitlines()[-1].startswith('error: efficientnet_b0: the paper') and 'Traceback' not in error

@@ -1,0 +1,171 @@
+"""Statistics checked against plain NumPy on planted maps, at the sizes the paper's figures use (1024, 2048)."""
+import csv
+import io
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from t2t_viz import capture
+from t2t_viz.capture import Layer
+from t2t_viz.stats import (CSV_COLUMNS, PREFIX_COLUMNS, ChannelStats, Thresholds, csv_text, kth_smallest_abs,
+                           layer_stats, summarize)
+
+
+def _lower_median_abs(values: np.ndarray) -> float:
+    """The ceil(n/2)-th smallest |x|, by NumPy's partition: the definition the README gives."""
+    flat = np.abs(values.ravel())
+    rank = (flat.size + 1) // 2
+    return float(np.partition(flat, rank - 1)[rank - 1])
+
+
+def _column_planted(shape, seed=0) -> torch.Tensor:
+    """Token column 0 is 5.0 in every channel and row; the rest is uniform in [0, 0.01)."""
+    generator = torch.Generator().manual_seed(seed)
+    fmap = torch.rand(shape, generator=generator) * 0.01
+    fmap[..., 0] = 5.0
+    return fmap
+
+
+@pytest.mark.parametrize('shape', [(1024, 64, 64),  # ViT-L/16 at 1024: 4M values, 64 tokens a row
+                                   (64, 512, 512),  # ResNet50's conv1 at 1024: 16.7M values
+                                   (256, 256, 256)])  # ResNet50's conv2-4 at 1024
+def test_median_is_exact_where_a_strided_sample_reads_one_column(shape):
+    fmap = _column_planted(shape)
+    summary = summarize(Layer('x', 'block', 0, fmap))
+    expected = _lower_median_abs(fmap.numpy())
+    assert expected < 0.006  # one value in 64 (or 512) is 5.0: the median is far below it
+    assert summary.median_abs == expected
+    assert summary.max_abs_ratio == pytest.approx(5.0 / expected)
+    assert summary.sun_massive == 0  # 5.0 is under the absolute bar of 100
+
+
+def test_median_of_signed_values_ties_and_both_parities():
+    generator = torch.Generator().manual_seed(1)
+    cases = [
+        torch.randn(3, 101, 333, generator=generator),  # odd count, both signs
+        torch.randn(2, 128, 256, generator=generator) * 1e-3,  # even count: the lower middle value
+        torch.randint(-2, 3, (8, 200, 200), generator=generator).float(),  # five values, ties everywhere
+        torch.zeros(4, 100, 100),  # all dead
+    ]
+    spread = torch.rand(2, 300, 300, generator=generator)  # 41% zeros: the median sits just above a tie run
+    spread[spread < 0.41] = 0
+    cases.append(spread)
+    for fmap in cases:
+        assert float(layer_stats(fmap).median_abs) == _lower_median_abs(fmap.numpy())
+
+
+def test_any_rank_is_exact_and_the_sample_only_changes_speed():
+    values = torch.randn(3_000_001, generator=torch.Generator().manual_seed(2))
+    ordered = np.sort(np.abs(values.numpy()))
+    for rank in (1, 2, 17, 1_500_001, 2_999_999, 3_000_001):
+        assert float(kth_smallest_abs(values, rank)) == ordered[rank - 1]
+    with pytest.raises(ValueError, match='rank 0'):
+        kth_smallest_abs(values, 0)
+
+
+def test_a_mostly_zero_relu_map_has_median_zero_and_an_infinite_ratio():
+    fmap = torch.zeros(64, 512, 512)
+    fmap[:, ::2, :] = torch.rand(64, 256, 512) + 0.5  # half of the values positive: the lower median is 0
+    summary = summarize(Layer('act', 'relu', 0, fmap))
+    assert summary.median_abs == 0.0 == _lower_median_abs(fmap.numpy())
+    assert math.isinf(summary.max_abs_ratio)
+    fmap[:, 1, 0] = 1.0  # one more positive value than zeros: the median is the smallest positive value
+    assert summarize(Layer('act', 'relu', 0, fmap)).median_abs == _lower_median_abs(fmap.numpy()) > 0
+
+
+def test_massive_reference_is_the_median_of_live_channels():
+    fmap = torch.zeros(8, 16, 16)
+    fmap[5:] = torch.rand(3, 16, 16) + 0.5  # 5 dead channels, 3 ordinary ones
+    assert summarize(Layer('x', 'relu', 0, fmap)).massive_ids == []
+    fmap[7, 3, 3] = 1e4  # far over 100x the median of the live channels' max |x|
+    summary = summarize(Layer('x', 'relu', 0, fmap))
+    assert summary.massive_ids == [7] and summary.dead_ids == [0, 1, 2, 3, 4]
+    largest = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.5, 150.0])  # the live channels' median is 1.5
+    stats = ChannelStats(max_abs=largest, mean=torch.zeros(6), minimum=torch.zeros(6), maximum=largest)
+    assert stats.flags(Thresholds(massive_factor=99.9))['massive'].tolist() == [False] * 5 + [True]
+    assert stats.flags(Thresholds(massive_factor=100))['massive'].tolist() == [False] * 6  # not over 100x
+    assert not ChannelStats(*(torch.zeros(3),) * 4).flags()['massive'].any()  # all dead: nothing massive
+
+
+def test_channel_statistics_equal_numpy():
+    fmap = torch.randn(32, 40, 24, generator=torch.Generator().manual_seed(3))
+    stats = layer_stats(fmap)
+    values = fmap.numpy().reshape(32, -1).astype(np.float64)
+    np.testing.assert_allclose(stats.channels.mean.numpy(), values.mean(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(stats.channels.maximum.numpy(), values.max(1).astype(np.float32))
+    np.testing.assert_array_equal(stats.channels.minimum.numpy(), values.min(1).astype(np.float32))
+    np.testing.assert_array_equal(stats.channels.max_abs.numpy(), np.abs(values).max(1).astype(np.float32))
+    np.testing.assert_allclose(stats.token_norms.numpy(), np.sqrt((fmap.numpy().astype(np.float64) ** 2).sum(0)),
+                               rtol=1e-6)
+    order = np.argsort(-np.abs(values).ravel(), kind='stable')[:5]
+    assert stats.top_channels.tolist() == (order // values.shape[1]).tolist()
+    assert stats.top_positions.tolist() == (order % values.shape[1]).tolist()
+    assert stats.top_values.tolist() == values.ravel()[order].astype(np.float32).tolist()
+
+
+def test_sun_count_against_numpy():
+    fmap = torch.rand(16, 64, 64, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    fmap[3, 5, 5], fmap[9, 1, 2], fmap[9, 2, 2] = 2000.0, -600.0, 400.0  # 1000x the median of ~0.5 is ~500
+    summary = summarize(Layer('x', 'block', 0, fmap))
+    bar = max(100.0, 1000.0 * _lower_median_abs(fmap.numpy()))
+    assert summary.sun_massive == int((np.abs(fmap.numpy()) > bar).sum()) == 2
+
+
+def _vit_with_prefix(reg_tokens: int = 0, **kwargs):
+    torch.manual_seed(0)
+    return timm.create_model('vit_tiny_patch16_224', reg_tokens=reg_tokens, **kwargs).eval()
+
+
+@pytest.mark.parametrize('name, options, prefix', [
+    ('vit_tiny_patch16_224', dict(reg_tokens=4), 5),  # class token and four registers
+    ('deit_tiny_distilled_patch16_224', dict(), 2),  # class and distillation tokens
+    ('t2t_vit_7', dict(), 1),
+])
+def test_prefix_tokens_are_measured_beside_the_grid(name, options, prefix, cloned_outputs):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **options).eval()
+    with torch.no_grad():
+        model.cls_token[0, 0, 17] = 1e4  # a massive activation in the class token of every block's output
+    x = torch.randn(1, 3, 224, 224)
+    layers = ['block 2', 'block 5']
+    result = capture.run(model, x, layers=layers, reduce=layer_stats)[0]
+    reference = cloned_outputs(model, x, ['blocks.1', 'blocks.4'])
+    for layer, module in zip(result.layers, ('blocks.1', 'blocks.4')):
+        summary = summarize(layer)
+        tokens = reference[module][0].numpy().astype(np.float64)  # (N, C) with the prefix tokens first
+        prefix_tokens, grid = tokens[:prefix], tokens[prefix:]
+        assert layer.fmap.shape == (tokens.shape[1], 14, 14)  # the map is the patch grid alone
+        np.testing.assert_allclose(layer.fmap.numpy().reshape(tokens.shape[1], -1).T, grid, rtol=1e-6, atol=1e-6)
+        assert len(summary.prefix) == prefix
+        np.testing.assert_allclose([t.norm for t in summary.prefix], np.linalg.norm(prefix_tokens, axis=1),
+                                   rtol=1e-5)
+        np.testing.assert_allclose([t.max_abs for t in summary.prefix], np.abs(prefix_tokens).max(1), rtol=1e-6)
+        largest = summary.prefix_largest
+        assert (largest.index, largest.max_abs_channel) == (0, 17) and largest.max_abs > 5000
+        bar = max(100.0, 1000.0 * _lower_median_abs(grid))
+        assert summary.median_abs == pytest.approx(_lower_median_abs(grid), rel=1e-6)
+        assert sum(t.sun_massive for t in summary.prefix) == int((np.abs(prefix_tokens) > bar).sum()) >= 1
+        assert summary.sun_massive == int((np.abs(grid) > bar).sum())
+        median_norm = np.median(np.linalg.norm(grid, axis=1))  # 196 tokens: an even count
+        assert [t.high_norm for t in summary.prefix] == list(np.linalg.norm(prefix_tokens, axis=1) > 4 * median_norm)
+        row = next(csv.DictReader(io.StringIO(csv_text([summary.row('cat.png', name, 'random')]))))
+        assert row['prefix_tokens'] == str(prefix) and row['prefix_max_abs_token'] == '0'
+        assert row['prefix_max_abs_channel'] == '17'
+        assert float(row['prefix_max_abs']) == pytest.approx(largest.max_abs, rel=1e-5)
+        assert float(row['prefix_max_abs_ratio']) == pytest.approx(largest.max_abs / summary.median_abs, rel=1e-5)
+        assert len(row['prefix_norms'].split(';')) == prefix
+
+
+def test_layers_without_prefix_tokens_leave_the_columns_empty():
+    row = summarize(Layer('act1', 'stem', 0, torch.rand(4, 8, 8))).row('a.png', 'resnet18', 'random')
+    assert tuple(row) == CSV_COLUMNS and CSV_COLUMNS[-len(PREFIX_COLUMNS):] == PREFIX_COLUMNS
+    assert row['prefix_tokens'] == 0 and all(row[c] == '' for c in PREFIX_COLUMNS[1:])
+
+
+def test_statistics_run_shape_only_on_the_meta_device():
+    fmap = torch.empty(64, 512, 512, device='meta')
+    stats = layer_stats(fmap, torch.empty(1, 64, device='meta'))
+    assert stats.median_abs.is_meta and stats.token_norms.shape == (512, 512) and stats.prefix.norms.shape == (1,)
