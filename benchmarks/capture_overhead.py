@@ -1,17 +1,27 @@
-"""Full capture vs the bare forward pass, per default model at 224 on the CPU; and stats CLI throughput.
+"""What a user waits for beyond the bare forward pass, per default model and input size on the CPU; and the
+stats CLI's throughput.
 
-    python -m benchmarks.capture_overhead [--models resnet50 vit_large_patch16_224 t2t_vit_24] [--repeats 11]
+    python -m benchmarks.capture_overhead [--models resnet50.tv_in1k ...] [--sizes 224 1024] [--repeats 7]
                                           [--stats-images 16] [--glibc-defaults]
 
-Target: capture overhead <= 15% over the bare forward pass (same run, same input, medians; the two are
-timed alternately so that a machine getting slower or faster affects both alike).
-Weights do not change the timing, so random initialisation is used when no trained file is present.
-Like the CLI and the app, the benchmark keeps freed memory for reuse (t2t_viz.allocator);
---glibc-defaults measures with the C library's defaults instead.
+For each model and size, one photo is timed four ways, alternately, round after round (a machine getting
+slower or faster affects all alike), medians of the rounds:
+
+* ``forward``: the photo preprocessed and run through the model, nothing else (the baseline);
+* ``capture``: the same pass with every layer hooked and its full float32 map kept, no statistics;
+* ``app``: :func:`t2t_viz.pipeline.inspect_images` as the app calls it (float16 display copies of at most
+  128 pixels a side, every statistic from the full maps, the layer summaries);
+* ``cli``: as ``t2t-viz stats`` calls it (statistics only, no maps kept) and its CSV rows.
+
+Goals: ``capture`` <= 1.15x, ``app`` and ``cli`` <= 1.25x the forward at 224 and at 1024. TorchLens'
+``log_forward_pass`` (every operation kept) is a reference row when it is installed (it is not a dependency).
+Weights do not change the forward's time, but the median's search depends on the values: trained weights
+are used when their files are present (the rows say which), else each model's random initialisation.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import statistics
 import subprocess
@@ -25,34 +35,65 @@ from skimage import data
 
 from t2t_viz import capture, zoo
 from t2t_viz.allocator import reuse_freed_memory
+from t2t_viz.images import preprocess_batch
+from t2t_viz.pipeline import DISPLAY_DTYPE, DISPLAY_SIDE, inspect_images
+from t2t_viz.stats import write_csv
 from t2t_viz.zoo import DEFAULT_MODELS
 
 from .timing import round_times
 
 
+def _torchlens_call(model, x):
+    try:
+        import torchlens
+    except ImportError:
+        return None
+    return lambda: torchlens.log_forward_pass(model, x, layers_to_save='all', vis_opt='none')
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', default=list(DEFAULT_MODELS))
-    parser.add_argument('--repeats', type=int, default=11)
+    parser.add_argument('--sizes', nargs='+', type=int, default=[224, 1024])
+    parser.add_argument('--repeats', type=int, default=7)
     parser.add_argument('--stats-images', type=int, default=16, help='0 skips the stats CLI measurement')
     parser.add_argument('--glibc-defaults', action='store_true', help="keep the C library's malloc settings")
     args = parser.parse_args()
     allocator = "glibc defaults" if args.glibc_defaults or not reuse_freed_memory() else "freed memory reused"
-    x = torch.randn(1, 3, 224, 224)
+    photo = Image.fromarray(data.chelsea())
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}, {allocator}')
-    print(f"{'model':<24}{'forward ms':>12}{'capture ms':>12}{'overhead':>10}{'layers':>8}")
+    print(f"{'model':<44}{'size':>6}{'weights':>9}{'forward ms':>12}{'capture':>9}{'app':>8}{'cli':>8}"
+          f"{'torchlens':>11}{'layers':>8}")
     for name in args.models:
-        model = zoo.load(name, img_size=224, device='cpu', allow_download=False).model
+        for size in args.sizes:
+            loaded = zoo.load(name, img_size=size, device='cpu', allow_download=False)
+            model, config = loaded.model, loaded.data_config
 
-        def bare():
-            with torch.inference_mode():
-                model(x)
+            def forward():
+                with torch.inference_mode():
+                    model(preprocess_batch([photo], config))
 
-        times = round_times([bare, lambda: capture.run(model, x)], args.repeats)
-        forward_s, capture_s = map(statistics.median, times)
-        layers = len(capture.run(model, x)[0].layers)
-        print(f'{name:<24}{forward_s * 1e3:>12.1f}{capture_s * 1e3:>12.1f}'
-              f'{(capture_s / forward_s - 1) * 100:>9.1f}%{layers:>8}', flush=True)
+            def capture_only():
+                capture.run(model, preprocess_batch([photo], config))
+
+            def app_call():
+                inspect_images(loaded, [photo], dtype=DISPLAY_DTYPE, max_side=DISPLAY_SIDE)
+
+            def cli_call():
+                result = inspect_images(loaded, [photo], keep_maps=False)[0]
+                write_csv(result.rows('photo.png'), io.StringIO(), header=False)
+
+            calls = [forward, capture_only, app_call, cli_call]
+            torchlens = _torchlens_call(model, preprocess_batch([photo], config))
+            if torchlens:
+                calls.append(torchlens)
+            times = [statistics.median(t) for t in round_times(calls, args.repeats)]
+            ratios = [f'{t / times[0]:.2f}x' for t in times[1:]]
+            if not torchlens:
+                ratios.append('-')
+            layers = len(capture.run(model, preprocess_batch([photo], config), keep_maps=False)[0].layers)
+            print(f'{name:<44}{size:>6}{loaded.weights.label:>9}{times[0] * 1e3:>12.1f}{ratios[0]:>9}{ratios[1]:>8}'
+                  f'{ratios[2]:>8}{ratios[3]:>11}{layers:>8}', flush=True)
 
     if args.stats_images:
         with tempfile.TemporaryDirectory() as folder:
