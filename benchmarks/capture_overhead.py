@@ -8,7 +8,8 @@ For each model and size, one photo is timed four ways, alternately, round after 
 slower or faster affects all alike), medians of the rounds:
 
 * ``forward``: the photo preprocessed and run through the model, nothing else (the baseline);
-* ``capture``: the same pass with every layer hooked and its full float32 map kept, no statistics;
+* ``capture``: the same pass with every layer hooked and its display copy kept as the app keeps it
+  (float16, at most 128 pixels a side), no statistics: what capturing costs before any statistic;
 * ``app``: :func:`t2t_viz.pipeline.inspect_images` as the app calls it (float16 display copies of at most
   128 pixels a side, every statistic from the full maps, the layer summaries);
 * ``cli``: as ``t2t-viz stats`` calls it (statistics only, no maps kept) and its CSV rows.
@@ -66,6 +67,7 @@ def main() -> None:
           f"{'torchlens':>11}{'layers':>8}")
     for name in args.models:
         for size in args.sizes:
+            torch.manual_seed(0)  # the same random initialisation in every run when no trained file is present
             loaded = zoo.load(name, img_size=size, device='cpu', allow_download=False)
             model, config = loaded.model, loaded.data_config
 
@@ -74,7 +76,7 @@ def main() -> None:
                     model(preprocess_batch([photo], config))
 
             def capture_only():
-                capture.run(model, preprocess_batch([photo], config))
+                capture.run(model, preprocess_batch([photo], config), dtype=DISPLAY_DTYPE, max_side=DISPLAY_SIDE)
 
             def app_call():
                 inspect_images(loaded, [photo], dtype=DISPLAY_DTYPE, max_side=DISPLAY_SIDE)

@@ -23,16 +23,18 @@ from t2t_viz.images import preprocess_batch
 
 
 def _parts(fmap: torch.Tensor, prefix) -> Dict[str, Callable[[], object]]:
-    values = fmap.reshape(fmap.shape[0], -1)
+    values = fmap.reshape(fmap.shape[0], -1)  # (C, N)
+    flat = stats._flat(values)  # as layer_stats sees the map's memory
     channel = stats.channel_stats(fmap)
-    median = stats._median_abs(values)
+    nonnegative = bool(channel.minimum.min() >= 0)
+    median = stats._median_abs(values, nonnegative)
     threshold = torch.clamp(median * stats.SUN_MEDIAN_FACTOR, min=stats.SUN_MIN_MAGNITUDE)
     parts = {
         'channel min/max/mean': lambda: stats.channel_stats(fmap),
         'token norms': lambda: (values * values).sum(dim=0).sqrt(),
         'top activations': lambda: stats._top_activations(values, channel.max_abs, stats.TOP_K),
-        'median |x|': lambda: stats._median_abs(values),
-        'Sun count': lambda: stats._sun_count(values.reshape(-1), threshold, channel.max_abs.max()),
+        'median |x|': lambda: stats._median_abs(values, nonnegative),
+        'Sun count': lambda: stats._sun_count(flat, threshold, channel.max_abs.max()),
         'whole layer_stats': lambda: stats.layer_stats(fmap, prefix),
     }
     if prefix is not None:
@@ -48,6 +50,7 @@ def main() -> None:
     parser.add_argument('--top', type=int, default=8)
     args = parser.parse_args()
     reuse_freed_memory()
+    torch.manual_seed(0)  # the same random initialisation in every run when no trained file is present
     loaded = zoo.load(args.model, img_size=args.size, device='cpu', allow_download=False)
     x = preprocess_batch([Image.fromarray(data.chelsea())], loaded.data_config)
     kept: List[tuple] = []  # (map, prefix tokens)

@@ -187,12 +187,13 @@ class Recorder:
         if self.max_side and max(height, width) > self.max_side:
             fmap = F.adaptive_avg_pool2d(fmap.float(), pooled_size(height, width, self.max_side))
             must_copy = False
-        if self.dtype == torch.float16:
-            fmap = fmap.clamp(-FLOAT16_MAX, FLOAT16_MAX)
-            must_copy = False
         # a map that is still the module's own memory and may be written later is copied, so that later
         # in-place ops cannot change what was recorded; maps already rebuilt from tokens are not copied twice
-        return fmap.to(device=_host(fmap), dtype=self.dtype, copy=must_copy)
+        half = self.dtype == torch.float16
+        kept = fmap.to(device=_host(fmap), dtype=self.dtype, copy=must_copy or half)
+        if half:  # values beyond float16's range became inf: clamped in the copy, not in a float32 copy first
+            kept.clamp_(-FLOAT16_MAX, FLOAT16_MAX)
+        return kept
 
     def captures(self, logits: Optional[torch.Tensor], x: torch.Tensor, procedure: str = REAL_FORWARD) -> List[Capture]:
         """One Capture per image of the batch ``x`` (B, 3, H, W), layers in the order they were recorded."""

@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, TextIO, Tuple
 
+import numpy as np
 import torch
 
 from .capture import REAL_FORWARD, Layer
@@ -58,7 +59,6 @@ TOP_K = 5  # top activations kept per layer and image
 SUN_MIN_MAGNITUDE = 100.0
 SUN_MEDIAN_FACTOR = 1000.0
 _DIRECT_SELECTION = 32_768  # sets up to this size are handed to kthvalue; larger ones are narrowed first
-_SAMPLE_SEED = 0x5EED
 
 
 @dataclass(frozen=True)
@@ -76,17 +76,25 @@ class ChannelStats:
     minimum: torch.Tensor  # (C,)
     maximum: torch.Tensor  # (C,)
 
-    def flags(self, thresholds: Thresholds = Thresholds()) -> Dict[str, torch.Tensor]:
-        """Boolean (C,) masks 'dead', 'flat', 'massive' (massive against the median of the live channels)."""
-        dead = self.max_abs <= thresholds.dead_atol
-        spread = self.maximum - self.minimum
-        flat = ~dead & (spread <= thresholds.flat_atol * self.max_abs.clamp(min=1.0))
-        live = self.max_abs[~dead]  # (live,)
-        if live.numel():
-            massive = ~dead & (self.max_abs > thresholds.massive_factor * live.median())
-        else:
-            massive = torch.zeros_like(dead)
+    def flags(self, thresholds: Thresholds = Thresholds()) -> Dict[str, np.ndarray]:
+        """Boolean (C,) masks 'dead', 'flat', 'massive' (massive against the median of the live channels).
+
+        In float32, as the statistics are; NumPy, because a handful of operations on a few hundred values
+        cost PyTorch's dispatch more than the arithmetic (this runs for every layer of every image)."""
+        max_abs, minimum, maximum = (t.numpy() for t in (self.max_abs, self.minimum, self.maximum))
+        dead = max_abs <= np.float32(thresholds.dead_atol)
+        flat = ~dead & (maximum - minimum <= np.float32(thresholds.flat_atol) * np.maximum(max_abs, np.float32(1)))
+        live = max_abs[~dead]  # (live,)
+        massive = np.zeros_like(dead)
+        if live.size:
+            massive = ~dead & (max_abs > np.float32(thresholds.massive_factor) * _lower_median(live))
         return {'dead': dead, 'flat': flat, 'massive': massive}
+
+
+def _lower_median(values: np.ndarray) -> np.float32:
+    """The ceil(n/2)-th smallest of n values, as torch.median gives it (NumPy's median averages two)."""
+    middle = (values.size - 1) // 2
+    return np.partition(values, middle)[middle]
 
 
 def channel_stats(fmap: torch.Tensor) -> ChannelStats:
@@ -127,13 +135,27 @@ def _count(mask: torch.Tensor) -> int:
     return int(torch.count_nonzero(mask))
 
 
-def _narrowing_bounds(candidates: torch.Tensor, rank: int, generator: torch.Generator) -> Tuple[int, int]:
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """Every value as one 1-D tensor in memory order: a view when the tensor is a permuted contiguous block
+    (a token map is (N, C) tokens seen as (C, H, W)), a copy otherwise. Order does not matter to a median."""
+    order = sorted(range(tensor.dim()), key=lambda dim: -tensor.stride(dim))
+    return tensor.permute(order).reshape(-1)
+
+
+_GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+def _narrowing_bounds(candidates: torch.Tensor, rank: int, round_: int) -> Tuple[int, int]:
     """Bit patterns ``lo <= hi`` that bracket the ``rank``-th smallest (1-based) of ``candidates`` with high
-    probability, from the order statistics of a seeded uniform sample (it only speeds the search up)."""
+    probability, from the order statistics of a sample (it only speeds the search up).
+
+    The sample's positions follow the golden-ratio sequence (round ``round_`` continues it): spread evenly
+    over the whole set and never in step with a map's grid, without a random generator's state."""
     size = candidates.numel()
     sample_size = min(8192, max(1024, size // 256))
-    picks = torch.randint(size, (sample_size,), generator=generator).to(candidates.device)
-    sample = candidates.take(picks).sort().values  # (S,)
+    steps = torch.arange(round_ * sample_size, (round_ + 1) * sample_size, dtype=torch.float64)
+    picks = ((steps * _GOLDEN) % 1.0 * size).long()  # (S,) positions in [0, size)
+    sample = candidates.take(picks.to(candidates.device)).sort().values  # (S,)
     centre = (rank - 0.5) / size * sample_size
     spread = 3.0 * math.sqrt(sample_size * 0.25) + 2  # 3 standard deviations of a sample rank, and then some
     low = int(sample[max(0, math.floor(centre - spread))])
@@ -141,36 +163,44 @@ def _narrowing_bounds(candidates: torch.Tensor, rank: int, generator: torch.Gene
     return low, high
 
 
-def kth_smallest_abs(values: torch.Tensor, rank: int) -> torch.Tensor:
+def kth_smallest_abs(values: torch.Tensor, rank: int, nonnegative: bool = False) -> torch.Tensor:
     """The exact ``rank``-th smallest |x| (1-based) of ``values``, as a float32 0-d tensor on their device.
 
-    |x| is compared by its float32 bit pattern with the sign cleared, an integer whose order is that of |x|.
-    Large sets are narrowed before ``kthvalue`` sees them: a seeded uniform sample suggests a small bracket
-    [lo, hi]; exact counts of the values below and within it say where the answer lies, and only that part is
-    kept (a run of ties at lo is settled by counting). The result is exact whatever the sample; the sample
-    only decides how fast it is found. Shape-only (meta) runs allocate what a first narrowing allocates.
+    |x| is compared by its float32 bit pattern with the sign cleared, an integer whose order is that of |x|
+    (``nonnegative``: the caller knows there is no sign to clear). Large sets are narrowed before
+    ``kthvalue`` sees them: an evenly spread sample suggests a small bracket [lo, hi]; exact counts of the
+    values below and within it say where the answer lies, and only that part is kept (zeros, and a run of
+    ties at lo, are settled by counting). The result is exact whatever the sample; the sample only decides
+    how fast it is found. Shape-only (meta) runs allocate what a first narrowing allocates.
     """
-    bits = values.detach().float().reshape(-1).view(torch.int32) & 0x7FFFFFFF  # (n,) order of |x|
+    bits = _flat(values.detach().float()).view(torch.int32)  # (n,)
+    if not nonnegative:
+        bits = bits & 0x7FFFFFFF  # the order of |x|
     if bits.is_meta:
         within = (bits >= 0) & (bits <= 1)  # (n,) the masks of a narrowing
         return bits[:max(1, bits.numel() // 16)].float().amax() * within.any()
     if not 1 <= rank <= bits.numel():
         raise ValueError(f'rank {rank} of {bits.numel()} values')
-    generator = torch.Generator().manual_seed(_SAMPLE_SEED)
-    candidates, rank = bits, rank
+    candidates, round_ = bits, 0
     while candidates.numel() > _DIRECT_SELECTION:
-        low, high = _narrowing_bounds(candidates, rank, generator)
-        below = _count(candidates < low)
+        low, high = (max(1, bound) for bound in _narrowing_bounds(candidates, rank, round_))
+        round_ += 1
+        from_low = candidates >= low  # (m,) bool; each mask is made once and counted, then combined
+        below = candidates.numel() - _count(from_low)  # with low 1: the zeros, often half of a ReLU map
         if rank <= below:
-            candidates = candidates[candidates < low]
+            if low == 1:
+                return _as_float(0, values.device)
+            candidates = candidates[~from_low]
             continue
-        up_to_high = _count(candidates <= high)
+        to_high = candidates <= high  # (m,) bool
+        up_to_high = _count(to_high)
         if rank > up_to_high:
-            candidates, rank = candidates[candidates > high], rank - up_to_high
+            candidates, rank = candidates[~to_high], rank - up_to_high
             continue
         if low == high:
             return _as_float(low, values.device)
-        within = candidates[(candidates >= low) & (candidates <= high)]
+        within = candidates[from_low & to_high]
+        del from_low, to_high
         rank -= below
         if within.numel() * 2 > candidates.numel():  # a run of ties at low kept most of the set: settle it
             at_low = _count(within == low)
@@ -185,15 +215,16 @@ def _as_float(bits: int, device: torch.device) -> torch.Tensor:
     return torch.tensor(bits, dtype=torch.int32, device=device).view(torch.float32)
 
 
-def _median_abs(values: torch.Tensor) -> torch.Tensor:
-    """The lower median of |values|: 0 at once when at least half of them are 0 (most ReLU maps)."""
-    count = values.numel()
-    rank = (count + 1) // 2
-    if not values.is_meta:
-        nonzero = float(torch.sign(values.abs()).sum(dim=-1).double().sum())  # rows of < 2**24 sum exactly
-        if count - nonzero >= rank:  # False for NaN: then the search decides
+def _median_abs(values: torch.Tensor, nonnegative: bool = False) -> torch.Tensor:
+    """The lower median of |values| (C, N). A ReLU's map is 0 at once when at least half of it is 0 (counted
+    as a sum of signs, row by row: exact below 2**24 a row, and branch-free, unlike counting nonzeros of
+    a map that is half zeros); for a signed map the search's first count settles that case as cheaply."""
+    rank = (values.numel() + 1) // 2
+    if nonnegative and not values.is_meta:
+        nonzero = float(torch.sign(values).sum(dim=-1).sum(dtype=torch.float64))
+        if values.numel() - nonzero >= rank:
             return torch.zeros((), device=values.device)
-    return kth_smallest_abs(values, rank)
+    return kth_smallest_abs(values, rank, nonnegative)
 
 
 def _top_activations(values: torch.Tensor, max_abs: torch.Tensor, k: int) -> Tuple[torch.Tensor, ...]:
@@ -222,7 +253,7 @@ def _prefix_stats(prefix: torch.Tensor, threshold: torch.Tensor) -> PrefixStats:
 
 
 def _host(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if tensor.is_meta else tensor.cpu()
+    return tensor.cpu() if tensor.device.type not in ('cpu', 'meta') else tensor
 
 
 def layer_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None, top_k: int = TOP_K) -> LayerStats:
@@ -235,9 +266,10 @@ def layer_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None, top_k
     values = fmap.reshape(fmap.shape[0], -1).float()  # (C, N)
     token_norms = (values * values).sum(dim=0).sqrt().reshape(fmap.shape[1:])  # (H, W)
     top_values, top_channels, top_positions = _top_activations(values, channels.max_abs, top_k)
-    median_abs = _median_abs(values)
+    nonnegative = not values.is_meta and bool(channels.minimum.min() >= 0)  # a ReLU's output
+    median_abs = _median_abs(values, nonnegative)
     threshold = torch.clamp(median_abs * SUN_MEDIAN_FACTOR, min=SUN_MIN_MAGNITUDE)
-    sun_massive = _sun_count(values.reshape(-1), threshold, top_values.abs().max())
+    sun_massive = _sun_count(_flat(values), threshold, top_values.abs().max())
     prefix_stats = None if prefix is None or not prefix.shape[0] else _prefix_stats(prefix, threshold)
     if prefix_stats is not None:
         prefix_stats = PrefixStats(*map(_host, (prefix_stats.max_abs, prefix_stats.max_abs_channel,
@@ -267,8 +299,8 @@ class PrefixToken:
     high_norm: bool  # norm over high_norm_factor x the median token norm of the grid
 
 
-def _ids(mask: torch.Tensor) -> List[int]:
-    return mask.nonzero().flatten().tolist()
+def _ids(mask: np.ndarray) -> List[int]:
+    return np.flatnonzero(mask).tolist()
 
 
 def _ratio(largest: float, median: float) -> float:
@@ -380,7 +412,8 @@ def summarize(layer: Layer, thresholds: Thresholds = Thresholds()) -> LayerSumma
     top = [TopActivation(float(value), int(channel), int(position) // width, int(position) % width)
            for value, channel, position in zip(reduced.top_values.tolist(), reduced.top_channels.tolist(),
                                                reduced.top_positions.tolist())]
-    median_norm = float(reduced.token_norms.median())
+    norms = reduced.token_norms.numpy().reshape(-1)  # (H * W,)
+    median_norm = float(_lower_median(norms))
     high_norm_bar = thresholds.high_norm_factor * median_norm
     prefix = []
     if reduced.prefix is not None:
@@ -393,8 +426,8 @@ def summarize(layer: Layer, thresholds: Thresholds = Thresholds()) -> LayerSumma
         width=width, channels=layer.channels, dead_ids=_ids(flags['dead']), flat_ids=_ids(flags['flat']),
         massive_ids=_ids(flags['massive']), stats=reduced.channels, token_norms=reduced.token_norms, top=top,
         median_abs=float(reduced.median_abs), sun_massive=int(reduced.sun_massive),
-        median_token_norm=median_norm, max_token_norm=float(reduced.token_norms.max()),
-        high_norm_tokens=int((reduced.token_norms > high_norm_bar).sum()),
+        median_token_norm=median_norm, max_token_norm=float(norms.max()),
+        high_norm_tokens=int(np.count_nonzero(norms > high_norm_bar)),
         high_norm_factor=thresholds.high_norm_factor, prefix=prefix)
 
 
