@@ -100,3 +100,37 @@ def test_pca_finds_the_three_planted_directions_up_to_sign():
 def test_pca_of_a_map_with_fewer_channels_than_colours():
     rgb = pca_rgb(torch.randn(2, 5, 5))
     assert rgb.shape == (5, 5, 3) and np.all(rgb[..., 2] == 0)
+
+
+def test_pca_against_numpy_eigendecomposition():
+    """Channels with different means and scales: directions, projections and explained variance as NumPy's
+    covariance (ddof 1) and eigh give them, the sign chosen so the farthest token is positive."""
+    generator = torch.Generator().manual_seed(3)
+    fmap = torch.randn(5, 6, 7, generator=generator) * torch.tensor([3.0, 1.0, 0.5, 2.0, 0.1])[:, None, None]
+    fmap += torch.tensor([10.0, -4.0, 0.0, 1.0, 7.0])[:, None, None]
+    found = principal_components(fmap, 3)
+    tokens = fmap.reshape(5, -1).t().double().numpy()  # (N, C)
+    centered = tokens - tokens.mean(axis=0)
+    values, vectors = np.linalg.eigh(np.cov(tokens, rowvar=False))
+    order = np.argsort(values)[::-1][:3]
+    np.testing.assert_allclose(found.explained.numpy(), values[order] / values.sum(), rtol=1e-5)
+    for i, column in enumerate(order):
+        projection = centered @ vectors[:, column]
+        sign = np.sign(projection[np.argmax(np.abs(projection))])
+        np.testing.assert_allclose(found.directions[i].numpy(), sign * vectors[:, column], atol=1e-5)
+        np.testing.assert_allclose(found.projections[i].numpy().ravel(), sign * projection, rtol=1e-4, atol=1e-4)
+        assert found.projections[i].numpy().ravel()[np.argmax(np.abs(projection))] > 0
+
+
+def test_pca_of_constant_and_rank_deficient_maps():
+    constant = principal_components(torch.full((4, 3, 3), 2.5), 3)
+    assert constant.explained.tolist() == [0.0, 0.0, 0.0] and constant.explained.dtype == torch.float32
+    assert torch.allclose(constant.directions.norm(dim=1), torch.ones(3))  # unit directions, even with no variance
+    assert pca_rgb(torch.full((4, 3, 3), 2.5)).tolist() == np.zeros((3, 3, 3)).tolist()
+    line = torch.zeros(3, 4, 4)
+    line[0] = torch.arange(16.0).reshape(4, 4) * 1e-3  # one varying channel, tiny variance: ratios still exact
+    flat_line = principal_components(line, 3)
+    assert flat_line.explained.tolist() == pytest.approx([1.0, 0.0, 0.0], abs=1e-6)
+    assert torch.allclose(flat_line.directions.norm(dim=1), torch.ones(3))
+    rgb = pca_rgb(line)
+    assert not np.isnan(rgb).any() and rgb[..., 0].max() == 1 and not rgb[..., 1:].any()

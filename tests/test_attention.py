@@ -76,6 +76,8 @@ def t2t7():
     # per-dimension q and k of about 0.35: peaked attention, kernel values well above the layer's epsilon
     nn.init.normal_(model.tokens_to_token.attention1.kqv.weight, std=0.03)  # 147 inputs
     nn.init.normal_(model.tokens_to_token.attention2.kqv.weight, std=0.015)  # 576 inputs
+    for layer in (model.tokens_to_token.attention1, model.tokens_to_token.attention2):
+        nn.init.normal_(layer.kqv.bias, std=0.1)  # trained biases are not the initialization's zeros
     return unfused(sharpen(model))
 
 
@@ -386,3 +388,39 @@ def test_invalid_requests_are_refused(vit, images):
         attention_rows(nn.Linear(4, 4), torch.zeros(1, 3, 4), [0])
     with pytest.raises(ValueError):
         t2t_layer_inputs(timm.create_model('t2t_vit_7', img_size=64), torch.zeros(1, 3, 64, 64), [3])
+
+
+def test_invalid_requests_say_what_is_wrong(vit, images):
+    assert query_index((14, 10), (0, 0), 1) == 1 and query_index((14, 10), (13, 9), 2) == 2 + 13 * 10 + 9
+    for outside in ((14, 0), (0, 10), (-1, 0), (0, -1)):
+        with pytest.raises(IndexError, match=rf'^query \({outside[0]}, {outside[1]}\) is outside the 14x10 token grid$'):
+            query_index((14, 10), outside, 1)
+    with pytest.raises(ValueError, match=r'^these tokens have no class token; give a query position \(row, col\)$'):
+        query_index((14, 14), None, 0)
+    assert list(block_inputs(vit, images[:1], [-12, 11])) == [0, 11]  # -depth is the first block
+    with pytest.raises(IndexError, match=r'^block -13 does not exist in a model of 12 blocks$'):
+        block_inputs(vit, images, [-13])
+    tokens = torch.zeros(1, 5, 192)
+    assert attention_rows(vit.blocks[0], tokens, [0, 4]).shape == (1, 3, 2, 5)
+    with pytest.raises(IndexError, match=r'^query indices must lie in \[0, 5\)$'):
+        attention_rows(vit.blocks[0], tokens, [5])
+    with pytest.raises(TypeError, match=r'^cannot recompute the attention of a Linear \(a timm ViT Block, '
+                                        r'TokenTransformer or TokenPerformer is needed\)$'):
+        attention_rows(nn.Linear(4, 4), torch.zeros(1, 3, 4), [0])
+    with pytest.raises(TypeError, match=r'^ResNet is neither a T2T-ViT nor a timm ViT with a patch embedding$'):
+        token_grid(timm.create_model('resnet18'), 224, 224)
+    odd = nn.Module()
+    odd.patch_embed = nn.Identity()  # a patch embedding without timm's grid arithmetic
+    with pytest.raises(TypeError, match='neither a T2T-ViT nor'):
+        token_grid(odd, 224, 224)
+    with pytest.raises(TypeError, match=r'^VisionTransformer has no Tokens-to-Token module$'):
+        t2t_attention_map(vit, images, 1, (0, 0))
+    with pytest.raises(ValueError, match=r'^T2T restructurization layers are 1 and 2, not 3$'):
+        t2t_layer_inputs(timm.create_model('t2t_vit_7', img_size=64), torch.zeros(1, 3, 64, 64), [3])
+    with pytest.raises(ValueError, match=r'^first_block 5 comes after last_block 4$'):
+        attention_rollout(vit, images[:1], 5, 4)
+    single = attention_rollout(vit, images[:1], 3, 3)  # one block: its attention, mixed with the identity
+    maps = attention_maps(vit, images[:1], [3])[3]
+    torch.testing.assert_close(single.maps[:, 0], 0.5 * maps.mean, **TOLERANCE)  # the class token is off the grid
+    torch.testing.assert_close(single.prefix[:, 0, 0], 0.5 * maps.prefix[:, :, 0].mean(1) + 0.5, **TOLERANCE)
+    assert single.grid == (14, 14) and single.cpu().grid == (14, 14) and maps.cpu().grid == (14, 14)

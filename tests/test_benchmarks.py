@@ -55,7 +55,7 @@ def test_capture_overhead_and_stats_throughput():
 def test_statistics_profile():
     out = _run_benchmark('statistics_profile', '--model', 'resnet18', '--repeats', '1', '--top', '2')
     assert re.search(r'^resnet18 at 224 \(random weights\), 17 maps reduced', out, re.M), out  # 4 stages reused
-    for part in ('channel min/max/mean', 'token norms', 'median \|x\|', 'whole layer_stats'):
+    for part in ('channel min/max/mean', 'token norms', r'median \|x\|', 'whole layer_stats'):
         assert re.search(rf'^{part}\s+[\d.]+\s+[\d.]+%$', out, re.M), out
 
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from t2t_viz import cachefiles, memory, skeletons, zoo
+from t2t_viz import cachefiles, skeletons, zoo
 from t2t_viz.memory import EstimateStore, MemoryEstimate
 
 as_root = pytest.mark.skipif(not hasattr(os, 'geteuid') or os.geteuid() != 0, reason='chown needs root')

@@ -208,7 +208,8 @@ with open('/proc/self/clear_refs', 'w') as f:
     f.write('5')  # the peak starts again from the current RSS
 before = peak()
 x = preprocess(image, config)
-print(json.dumps(dict(measured=peak() - before, counted=preprocess_bytes(image, config) + INPUT_COPIES * x.numel() * 4)))
+counted = preprocess_bytes(image, config) + INPUT_COPIES * x.numel() * 4
+print(json.dumps(dict(measured=peak() - before, counted=counted)))
 '''
     result = json.loads(subprocess.run([sys.executable, '-c', child, str(size)], capture_output=True, text=True,
                                        check=True).stdout)

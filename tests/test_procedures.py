@@ -115,3 +115,47 @@ def test_procedure_of_and_unknown_procedure():
     with pytest.raises(ValueError, match='procedure must be'):
         procedures.procedure_of(t2t, 'guesswork')
     assert 'none was released' in procedures.describe(procedures.NOTEBOOK_ANALOGUE)
+
+
+def test_notebook_options_kinds_and_procedure_names(resnet, chelsea):
+    assert procedures.procedure_of(resnet, procedures.NOTEBOOK_ANALOGUE) == procedures.PAPER_NOTEBOOK
+    procedures.check_supported(resnet)  # a ResNet is supported: nothing raised
+    x = procedures.notebook_input([chelsea.convert('RGBA'), chelsea.convert('L')], 96)
+    assert x.shape == (2, 3, 96, 96) and x.dtype == torch.float32  # any mode in, RGB in [0, 1] out
+    seen = []
+    captures = procedures.run_notebook(resnet, x, dtype=torch.float16, max_side=16, layers=['conv1', 'conv2'],
+                                       reduce=lambda fmap, prefix: float(fmap.abs().max()),
+                                       progress=lambda done, total: seen.append((done, total)))
+    first = captures[0].layers[0]
+    assert [layer.kind for layer in captures[0].layers] == ['conv', 'conv'] and seen == [(1, 2), (2, 2)]
+    assert first.fmap.dtype == torch.float16 and first.fmap.shape[1:] == (16, 16) and first.shape[1:] == (48, 48)
+    with torch.no_grad():
+        assert first.stats == pytest.approx(float(resnet.conv1(x)[0].abs().max()), rel=1e-6)
+    assert procedures.run_notebook(resnet, x, layers=[])[0].layers == []
+
+
+def test_notebook_kinds_of_token_models_and_dynamic_sizes(chelsea):
+    vit = timm.create_model('vit_tiny_patch16_224', dynamic_img_size=True).eval()  # its patch embedding is NHWC
+    x = procedures.notebook_input([chelsea], 160)
+    layers = procedures.run_notebook(vit, x, layers=['patch tokens', 'block 1'])[0].layers
+    assert [(layer.kind, layer.shape) for layer in layers] == [('patch_embed', (192, 10, 10)), ('block', (192, 10, 10))]
+    with torch.no_grad():
+        tokens = vit.patch_embed(x).flatten(1, 2)  # (1, 100, 192)
+    torch.testing.assert_close(layers[0].fmap, tokens[0].t().reshape(192, 10, 10))
+    t2t = timm.create_model('t2t_vit_7').eval()
+    kinds = {layer.kind for layer in procedures.run_notebook(t2t, procedures.notebook_input([chelsea], 224))[0].layers}
+    assert kinds == {'soft_split', 'restructurization', 'projection', 'block'}
+
+
+def test_a_resnet_whose_convs_do_not_chain_is_refused_in_one_line():
+    class Mismatched(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 8, 3)
+            self.layer1 = torch.nn.Sequential(torch.nn.Module())
+            self.layer1[0].conv1 = torch.nn.Conv2d(5, 8, 1)  # fed from a stem of 8 channels: no chain
+            self.layer4 = torch.nn.Identity()
+
+    with pytest.raises(ValueError, match=r'^layer1\.0\.conv1 takes 5 channels but the previous conv gives 8: '
+                                         r'the notebook chain does not apply to this model$'):
+        procedures.run_notebook(Mismatched(), torch.rand(1, 3, 16, 16))

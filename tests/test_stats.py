@@ -169,3 +169,94 @@ def test_statistics_run_shape_only_on_the_meta_device():
     fmap = torch.empty(64, 512, 512, device='meta')
     stats = layer_stats(fmap, torch.empty(1, 64, device='meta'))
     assert stats.median_abs.is_meta and stats.token_norms.shape == (512, 512) and stats.prefix.norms.shape == (1,)
+
+
+def test_flag_boundaries_dead_and_flat():
+    """dead: max |x| <= dead_atol (equal counts); flat: a live constant, spread <= flat_atol x max(1, max |x|)."""
+    # channels: 0 all zero, 1 at exactly dead_atol, 2 constant 3.0, 3 spread of exactly flat_atol at |x| < 1,
+    # 4 spread of exactly flat_atol x 4 at |x| = 4, 5 a spread just over that, 6 ordinary
+    largest = np.array([0.0, 1e-6, 3.0, 0.5, 4.0, 4.0, 2.0], dtype=np.float32)
+    smallest = np.array([0.0, 1e-6, 3.0, 0.5, 4.0, 4.0, -1.0], dtype=np.float32)
+    smallest[3] = np.float32(0.5) - np.float32(0.25)  # spread 0.25
+    smallest[4] = np.float32(4.0) - np.float32(1.0)  # spread 1.0 = 0.25 x 4
+    smallest[5] = np.nextafter(np.float32(3.0), np.float32(0))  # spread just over 1.0
+    stats = ChannelStats(max_abs=torch.from_numpy(np.maximum(largest, -smallest)), mean=torch.zeros(7),
+                         minimum=torch.from_numpy(smallest), maximum=torch.from_numpy(largest))
+    flags = stats.flags(Thresholds(dead_atol=1e-6, flat_atol=0.25))
+    assert np.flatnonzero(flags['dead']).tolist() == [0, 1]
+    assert np.flatnonzero(flags['flat']).tolist() == [2, 3, 4]  # never a dead channel; 5 is just over
+    assert not flags['massive'].any()
+    strict = stats.flags(Thresholds(dead_atol=1e-7, flat_atol=0.25))
+    assert np.flatnonzero(strict['dead']).tolist() == [0] and 1 in np.flatnonzero(strict['flat'])
+
+
+def test_every_csv_column_against_numpy():
+    """One layer with dead, flat and massive channels and two prefix tokens; every column computed apart."""
+    generator = torch.Generator().manual_seed(5)
+    fmap = torch.rand(6, 5, 8, generator=generator) * 2 - 1  # (C, H, W), |x| < 1
+    fmap[0] = 0.0  # dead
+    fmap[1] = 0.75  # flat
+    fmap[2, 4, 3] = 2500.0  # massive, and over Sun et al.'s bar (1000 x a median near 0.5)
+    fmap[3, 1, 6] = -1800.0  # over the bar too, negative
+    prefix = torch.rand(2, 6, generator=generator)
+    prefix[1, 4] = -9000.0  # a register token with a massive activation
+    layer = Layer('blocks.3', 'block', 4, None, 'block 5', shape=(6, 5, 8), stats=layer_stats(fmap, prefix))
+    row = summarize(layer, Thresholds(massive_factor=50.0, high_norm_factor=3.0)).row('a.png', 'vit', 'trained')
+
+    values = fmap.numpy().astype(np.float64)
+    flat = values.reshape(6, -1)
+    largest = np.abs(flat).max(1)
+    dead = largest <= 1e-6
+    flat_ids = [c for c in range(6) if not dead[c] and flat[c].max() - flat[c].min() <= 1e-6 * max(1.0, largest[c])]
+    live_median = np.sort(largest[~dead])[(np.count_nonzero(~dead) - 1) // 2]
+    massive = [c for c in range(6) if not dead[c] and largest[c] > 50 * live_median]
+    median = _lower_median_abs(values)
+    bar = max(100.0, 1000.0 * median)
+    norms = np.sqrt((values ** 2).sum(0)).ravel()  # (40,) token norms
+    median_norm = np.sort(norms)[(norms.size - 1) // 2]
+    prefix_values = prefix.numpy().astype(np.float64)
+    prefix_norms = np.linalg.norm(prefix_values, axis=1)
+    expected = {
+        'image': 'a.png', 'model': 'vit', 'weights': 'trained', 'layer': 'blocks.3', 'kind': 'block', 'depth': 4,
+        'height': 5, 'width': 8, 'tokens': 40, 'channels': 6, 'dead': 1, 'dead_fraction': f'{1 / 6:.6g}',
+        'flat': len(flat_ids), 'massive': len(massive), 'dead_ids': '0', 'massive_ids': ';'.join(map(str, massive)),
+        'label': 'block 5', 'flat_fraction': f'{len(flat_ids) / 6:.6g}', 'massive_fraction': f'{len(massive) / 6:.6g}',
+        'flat_ids': ';'.join(map(str, flat_ids)), 'procedure': 'real_forward', 'max_abs': '2500',
+        'max_abs_channel': 2, 'max_abs_row': 4, 'max_abs_col': 3, 'median_abs': f'{median:.6g}',
+        'max_abs_ratio': f'{2500 / median:.6g}', 'sun_massive': int((np.abs(values) > bar).sum()),
+        'median_token_norm': f'{median_norm:.6g}', 'max_token_norm': f'{norms.max():.6g}',
+        'high_norm_tokens': int((norms > 3 * median_norm).sum()),
+        'high_norm_fraction': f'{(norms > 3 * median_norm).sum() / 40:.6g}',
+        'prefix_tokens': 2, 'prefix_max_abs': '9000', 'prefix_max_abs_token': 1, 'prefix_max_abs_channel': 4,
+        'prefix_max_abs_ratio': f'{9000 / median:.6g}', 'prefix_sun_massive': 1,
+        'prefix_norms': ';'.join(f'{n:.6g}' for n in prefix_norms),
+        'prefix_high_norm_tokens': int((prefix_norms > 3 * median_norm).sum()),
+    }
+    assert flat_ids == [1] and massive == [2, 3] and expected['sun_massive'] == 2
+    assert row == expected
+    assert tuple(row) == CSV_COLUMNS
+
+
+def test_bars_are_strict_and_ratios_without_a_median():
+    fmap = torch.full((2, 3, 4), 0.05)
+    fmap[0, 0, 0] = 100.0  # exactly the bar max(100, 1000 x 0.05): not over it
+    fmap[1, 2, 3] = -100.5  # over it
+    prefix = torch.tensor([[100.0, -50.0], [-101.0, 100.5]])  # one token at the bar, one over it twice
+    summary = summarize(Layer('x', 'block', 0, None, 'x', shape=(2, 3, 4), stats=layer_stats(fmap, prefix)))
+    assert summary.sun_massive == 1 and [t.sun_massive for t in summary.prefix] == [0, 2]
+    dead = summarize(Layer('x', 'relu', 0, torch.zeros(3, 4, 4)))
+    assert dead.max_abs_ratio == 0.0 and dead.median_abs == 0.0  # nothing over a zero median
+    small = torch.zeros(3, 4, 4)
+    small[0, 0, 0] = 0.5
+    assert math.isinf(summarize(Layer('x', 'relu', 0, small)).max_abs_ratio)  # 0.5 over a median of 0
+    assert layer_stats(fmap, torch.empty(0, 2)).prefix is None  # a model without prefix tokens
+
+
+def test_high_norm_mask_is_strictly_over_the_factor():
+    fmap = torch.zeros(1, 2, 2)
+    fmap[0] = torch.tensor([[1.0, 1.0], [1.0, 4.0]])  # norms 1, 1, 1, 4; median 1
+    summary = summarize(Layer('x', 'block', 0, fmap), Thresholds(high_norm_factor=4.0))
+    assert summary.high_norm_tokens == 0 and not summary.high_norm_mask().any()  # 4 is not over 4 x 1
+    lower = summarize(Layer('x', 'block', 0, fmap), Thresholds(high_norm_factor=3.9))
+    assert lower.high_norm_tokens == 1 and lower.high_norm_mask().tolist() == [[False, False], [False, True]]
+    assert lower.high_norm_factor == 3.9
