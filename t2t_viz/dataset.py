@@ -180,8 +180,12 @@ class StatsRun:
     def _fitting_step(self, loaded: LoadedModel, procedure: str, wanted: int, images: Sequence[NamedImage]) -> int:
         """The largest batch, at most ``wanted``, whose pass and the resizing of the largest image of
         ``images`` fit in the memory available now. InsufficientMemory when one image does not."""
-        resizing = max(preprocess_bytes(item.image, loaded.data_config) for item in images)
-        available = memory.available_bytes(loaded.device) - resizing
+        resizing = max(preprocess_bytes(item.image, loaded.data_config) for item in images)  # on the CPU
+        if loaded.device.type == 'cpu':
+            available = memory.available_bytes() - resizing
+        else:
+            memory.check_fits(resizing, f'resizing {max(images, key=lambda i: i.image.width * i.image.height).name}')
+            available = memory.available_bytes(loaded.device)
         return fitting_batch(loaded.request, loaded.img_size, wanted, procedure, self.mlp_hidden, available)
 
     def _add(self, item: NamedImage, result: ModelResult) -> None:

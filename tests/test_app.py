@@ -317,3 +317,21 @@ def test_weights_download_with_progress_from_a_local_server(tmp_path, monkeypatc
         assert 'trained (file:' in _texts(at)
     finally:
         server.shutdown()
+
+
+def test_a_gpu_run_is_held_against_gpu_memory_and_its_resize_against_the_hosts(monkeypatch):
+    from t2t_viz import memory
+    from t2t_viz.ui import resources
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)  # only asked: nothing runs on a GPU here
+    monkeypatch.setattr(resources, 'display_estimate', lambda *args: MemoryEstimate(100, 1000, 10))
+    free = {'cuda': 1100, 'cpu': 10**12}
+    monkeypatch.setattr(memory, 'available_bytes', lambda device=None: free[torch.device(device or 'cpu').type])
+    image = Image.new('RGB', (4000, 3000))
+    resources.run_fits('resnet18', 224, 'real_forward', None, 'cuda', image)  # weights + pass: 1100 bytes
+    free['cuda'] = 1099
+    with pytest.raises(memory.InsufficientMemory, match='resnet18 at 224x224 needs about 1.1 KiB, but only 1.1 KiB '
+                                                        'of GPU memory'):
+        resources.run_fits('resnet18', 224, 'real_forward', None, 'cuda', image)
+    free['cuda'], free['cpu'] = 10**12, 10
+    with pytest.raises(memory.InsufficientMemory, match='resizing the image for resnet18 at 224x224 needs about'):
+        resources.run_fits('resnet18', 224, 'real_forward', None, 'cuda', image)

@@ -161,3 +161,27 @@ def test_a_batch_is_run_only_beside_what_resizing_its_largest_photo_needs(monkey
     monkeypatch.setattr(memory, 'available_bytes', lambda device=None: resizing + one - 1)
     with pytest.raises(memory.InsufficientMemory, match='for one image'):
         run.add_batch(images, {('resnet18', 'real_forward'): 2})
+
+
+def test_on_a_gpu_passes_fit_its_memory_and_resizing_fits_the_hosts(monkeypatch):
+    from PIL import Image
+    from t2t_viz import memory
+    from t2t_viz.images import preprocess_bytes
+    from t2t_viz.pipeline import memory_estimate
+    loaded = _loaded('resnet18')
+    loaded.device = torch.device('cuda')  # only asked where it runs: nothing runs here
+    photo = Image.new('RGB', (4000, 3000))
+    resizing = preprocess_bytes(photo, loaded.data_config)
+    one = memory_estimate('resnet18', 224, 1, keep_maps=False).peak
+    free = {'cuda': one + 10, 'cpu': resizing + 10}
+    monkeypatch.setattr(memory, 'available_bytes', lambda device=None: free[torch.device(device or 'cpu').type])
+    passes = []
+    monkeypatch.setattr('t2t_viz.dataset.inspect_images', lambda loaded, chunk, *a, **k: passes.append(len(chunk))
+                        or [])
+    run = StatsRun({'resnet18': loaded}, io.StringIO())
+    images = [NamedImage('big.png', photo), NamedImage('b.png', photo)]
+    run.add_batch(images, {('resnet18', 'real_forward'): 2})
+    assert passes == [1, 1]  # the GPU holds one pass; the host holds the resize
+    free['cpu'] = resizing - 1
+    with pytest.raises(memory.InsufficientMemory, match='resizing big.png needs about'):
+        run.add_batch(images, {('resnet18', 'real_forward'): 2})

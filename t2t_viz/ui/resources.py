@@ -72,9 +72,12 @@ def run_fits(name: str, img_size: int, procedure: str, layers: Optional[Tuple[st
     needed = estimate.peak
     if store().get(_model_key(name, img_size, device)) is None:
         needed += estimate.weights
-    if image is not None:
-        needed += preprocess_bytes(image, zoo.data_config(name, img_size))
-    memory.check_fits(needed, f'{name} at {img_size}x{img_size}', device=zoo.resolve_device(device))
+    resizing = 0 if image is None else preprocess_bytes(image, zoo.data_config(name, img_size))  # on the CPU
+    where = zoo.resolve_device(device)
+    if where.type != 'cpu':
+        memory.check_fits(resizing, f'resizing the image for {name} at {img_size}x{img_size}')
+        resizing = 0
+    memory.check_fits(needed + resizing, f'{name} at {img_size}x{img_size}', device=where)
 
 
 def rollout_fits(name: str, img_size: int, last_block: int, device: str) -> None:
