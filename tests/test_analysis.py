@@ -134,3 +134,7 @@ def test_pca_of_constant_and_rank_deficient_maps():
     assert torch.allclose(flat_line.directions.norm(dim=1), torch.ones(3))
     rgb = pca_rgb(line)
     assert not np.isnan(rgb).any() and rgb[..., 0].max() == 1 and not rgb[..., 1:].any()
+
+
+def test_three_components_by_default():
+    assert principal_components(torch.randn(6, 4, 4)).projections.shape == (3, 4, 4)

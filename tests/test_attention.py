@@ -424,3 +424,36 @@ def test_invalid_requests_say_what_is_wrong(vit, images):
     torch.testing.assert_close(single.maps[:, 0], 0.5 * maps.mean, **TOLERANCE)  # the class token is off the grid
     torch.testing.assert_close(single.prefix[:, 0, 0], 0.5 * maps.prefix[:, :, 0].mean(1) + 0.5, **TOLERANCE)
     assert single.grid == (14, 14) and single.cpu().grid == (14, 14) and maps.cpu().grid == (14, 14)
+
+
+def test_unusual_layers_and_grids_are_refused_with_what_is_wrong(vit, t2t7):
+    from timm.models.vision_transformer import Attention
+
+    class OwnAttention(Attention):
+        def forward(self, x, attn_mask=None):
+            return super().forward(x, attn_mask)
+
+    block = copy.deepcopy(vit.blocks[0])
+    block.attn = OwnAttention(192, num_heads=3)
+    with pytest.raises(TypeError, match=r'^OwnAttention is not a timm Attention; its attention cannot be recomputed'):
+        attention_rows(block, torch.zeros(1, 5, 192), [0])
+    with pytest.raises(ValueError, match=r'^5 tokens do not fill the 14x10 grid$'):
+        received_attention(vit.blocks[0], torch.zeros(1, 5, 192), (14, 10))
+
+    class Skips(nn.Module):  # has blocks, never runs them
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(2, 2)])
+
+        def forward(self, x):
+            return x
+
+    with pytest.raises(RuntimeError, match=r'^the forward pass never ran \[0\]$'):
+        block_inputs(Skips(), torch.zeros(1, 3, 4, 4), [0])
+    tokens = t2t_layer_inputs(t2t7, torch.randn(1, 3, 224, 160), [1])[1]
+    assert attention_rows(t2t7.tokens_to_token.attention1, tokens, [0, 1]).shape == (1, 1, 2, 56 * 40)  # one head
+
+
+def test_rollout_bytes_default_to_the_whole_chain():
+    model = zoo.build_on_meta('vit_tiny_patch16_224')
+    assert rollout_bytes(model, 224) == rollout_bytes(model, 224, 0, -1) > rollout_bytes(model, 224, 1, -1)

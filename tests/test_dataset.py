@@ -185,3 +185,30 @@ def test_on_a_gpu_passes_fit_its_memory_and_resizing_fits_the_hosts(monkeypatch)
     free['cpu'] = resizing - 1
     with pytest.raises(memory.InsufficientMemory, match='resizing big.png needs about'):
         run.add_batch(images, {('resnet18', 'real_forward'): 2})
+
+
+def test_dead_channel_counts_per_procedure_in_depth_order_and_their_rows():
+    def summary(name: str, label: str, kind: str, depth: int, dead: list, channels: int):
+        fmap = torch.ones(channels, 2, 2)
+        fmap[dead] = 0
+        return summarize(Layer(name, kind, depth, fmap, label))
+
+    counter = DeadChannelCounter()
+    counter.add('m', 'trained', summary('z.deep', 'block 2', 'block', 1, [0], 2), 'real_forward')
+    counter.add('m', 'trained', summary('a.late', 'block 9', 'block', 9, [], 1), 'real_forward')
+    counter.add('m', 'trained', summary('z.deep', 'block 2', 'block', 1, [0, 1], 2), 'real_forward')
+    counter.add('m', 'trained', summary('z.deep', 'block 2', 'block', 1, [1], 2), 'paper_notebook')
+    layers = counter.layers('m')
+    assert [(name, c.label, c.kind, c.depth, c.images) for name, c in layers] == [
+        ('z.deep', 'block 2', 'block', 1, 2), ('a.late', 'block 9', 'block', 9, 1)]  # by depth, not by name
+    torch.testing.assert_close(counter.frequency_matrix('m'), torch.tensor([[1.0, 0.5], [0.0, math.nan]],
+                                                                            dtype=torch.float64), equal_nan=True)
+    assert counter.frequency_matrix('m', 'paper_notebook').tolist() == [[0.0, 1.0]]
+    assert counter.frequency_matrix('other').shape == (0, 0)
+    rows = list(counter.rows())
+    assert rows[:2] == [
+        {'model': 'm', 'weights': 'trained', 'layer': 'z.deep', 'kind': 'block', 'depth': 1, 'channel': 0,
+         'images': 2, 'dead_images': 2, 'dead_fraction': '1', 'procedure': 'real_forward'},
+        {'model': 'm', 'weights': 'trained', 'layer': 'z.deep', 'kind': 'block', 'depth': 1, 'channel': 1,
+         'images': 2, 'dead_images': 1, 'dead_fraction': '0.5', 'procedure': 'real_forward'}]
+    assert all(type(row['dead_images']) is int for row in rows)

@@ -30,8 +30,8 @@ def _column_planted(shape, seed=0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize('shape', [(1024, 64, 64),  # ViT-L/16 at 1024: 4M values, 64 tokens a row
-                                   (64, 512, 512),  # ResNet50's conv1 at 1024: 16.7M values
-                                   (256, 256, 256)])  # ResNet50's conv2-4 at 1024
+                                   pytest.param((64, 512, 512), marks=pytest.mark.large),  # ResNet50 conv1 at 1024
+                                   pytest.param((256, 256, 256), marks=pytest.mark.large)])  # its conv2-4 at 1024
 def test_median_is_exact_where_a_strided_sample_reads_one_column(shape):
     fmap = _column_planted(shape)
     summary = summarize(Layer('x', 'block', 0, fmap))
