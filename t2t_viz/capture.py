@@ -144,7 +144,7 @@ class Recorder:
     """Turns outputs at known points into per-image layer records: reduced in place, kept as asked.
 
     ``reduce(fmap, prefix)`` gets each image's full (C, H, W) map and its (P, C) prefix tokens (None for
-    points without them). A point known to repeat the previous point's output (a timm ResNet stage's output
+    points without them); a ``reduce`` with a ``for_point(point)`` method gives the function for each point. A point known to repeat the previous point's output (a timm ResNet stage's output
     is its last ReLU's output, untouched in between) reuses that reduction when it is the very same tensor.
     """
 
@@ -164,7 +164,9 @@ class Recorder:
         if point.repeats_previous and last is not None and last[0]() is output:
             return last[1]
         prefix = output[:, :point.prefix] if point.prefix else None  # (B, P, C)
-        reduced = [self.reduce(fmap[i], None if prefix is None else prefix[i]) for i in range(fmap.shape[0])]
+        for_point = getattr(self.reduce, 'for_point', None)
+        reduce = for_point(point) if for_point else self.reduce
+        reduced = [reduce(fmap[i], None if prefix is None else prefix[i]) for i in range(fmap.shape[0])]
         self._last_reduced = (weakref.ref(output), reduced)
         return reduced
 

@@ -23,6 +23,7 @@ from .pipeline import DISPLAY_SIDE, ModelResult, display_estimate, inspect_image
 from .procedures import PAPER_NOTEBOOK, PROCEDURES, check_supported
 from .render import channel_grid, norm_image, order_channels, pca_image, save_png, upscale
 from .dataset import Failure, NamedImage, StatsRun, fitting_batch
+from .examples import DEFAULT_TOP_K
 from .stats import Thresholds
 from .zoo import LoadedModel
 
@@ -153,7 +154,8 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
 
     with open(args.output, 'w', newline='') as csv_file, tqdm(total=len(paths), desc='images', unit='image',
                                                              disable=not show) as image_bar:
-        run = StatsRun(loaded, csv_file, _thresholds(args), _procedures(args), args.mlp_hidden)
+        run = StatsRun(loaded, csv_file, _thresholds(args), _procedures(args), args.mlp_hidden,
+                       top_k=args.top_k if args.top_examples else 0)
         for start in range(0, len(paths), args.batch_size):
             images = []
             for path in paths[start:start + args.batch_size]:
@@ -167,6 +169,9 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
     if args.per_channel:
         with open(args.per_channel, 'w', newline='') as f:
             f.write(run.per_channel_csv())
+    if args.top_examples:
+        with open(args.top_examples, 'w', newline='') as f:
+            f.write(run.top_examples_csv())
     failed = len(run.failures)
     sys.stderr.write(f'{run.images_done} image(s) x {len(loaded)} model(s) -> {args.output}'
                      + (f'; {failed} skipped' if failed else '') + '\n')
@@ -383,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument('-o', '--output', required=True, help='CSV file, one row per image x model x layer')
     stats.add_argument('--per-channel', metavar='CSV', help='also write, per model x layer x channel, the '
                        'fraction of images in which the channel is dead')
+    stats.add_argument('--top-examples', metavar='CSV', help='also write, per model x layer x channel, the images '
+                       "in which the channel's maximum activation was largest, with the value and its grid position")
+    stats.add_argument('--top-k', type=int, default=DEFAULT_TOP_K, help='images kept per channel for --top-examples '
+                       f'(default {DEFAULT_TOP_K})')
     stats.set_defaults(run=_cmd_stats)
 
     stages = commands.add_parser('stages', help='the Tokens-to-Token stage table of an image')
@@ -439,6 +448,8 @@ def main(argv: Optional[List[str]] = None, out: Optional[TextIO] = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, 'batch_size', 1) < 1:
         parser.error('--batch-size must be at least 1')
+    if getattr(args, 'top_k', 1) < 1:
+        parser.error('--top-k must be at least 1')
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format='%(message)s')
     reuse_freed_memory()
     try:

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .capture import REAL_FORWARD
+from .examples import TOP_EXAMPLE_COLUMNS, TopExamples
 from .images import IMAGE_EXTENSIONS, ImageError, load_image, preprocess_bytes
 from . import memory
 from .pipeline import ModelResult, inspect_images, memory_estimate
@@ -144,11 +145,12 @@ class StatsRun:
     """
 
     def __init__(self, models: Dict[str, LoadedModel], out: TextIO, thresholds: Thresholds = Thresholds(),
-                 procedures: Sequence[str] = (REAL_FORWARD,), mlp_hidden: bool = False):
+                 procedures: Sequence[str] = (REAL_FORWARD,), mlp_hidden: bool = False, top_k: int = 0):
         self.models, self.out, self.thresholds = models, out, thresholds
         self.procedures, self.mlp_hidden = tuple(procedures), mlp_hidden
         self.aggregates: Dict[Tuple[str, str, str], LayerAggregate] = {}
         self.counter = DeadChannelCounter()
+        self.examples: Optional[TopExamples] = TopExamples(top_k) if top_k else None  # top images per channel
         self.failures: List[Failure] = []
         self.images_done = 0
         write_csv([], out)
@@ -168,9 +170,11 @@ class StatsRun:
                     step = self._fitting_step(loaded, procedure, step, images)
                 for first in range(0, len(images), step):
                     chunk = images[first:first + step]
+                    floors = self.examples.floors(name, loaded.weights.label, procedure) if self.examples else None
                     results = inspect_images(loaded, [item.image for item in chunk], self.thresholds,
                                              mlp_hidden=self.mlp_hidden, keep_maps=False, procedure=procedure,
-                                             progress=progress(name, procedure) if progress else None)
+                                             progress=progress(name, procedure) if progress else None,
+                                             position_floors=floors)
                     for item, result in zip(chunk, results):
                         self._add(item, result)
                         if on_result:
@@ -198,9 +202,16 @@ class StatsRun:
                                                       summary.kind, summary.depth)
             self.aggregates[key].add(row)
             self.counter.add(result.model, result.weights.label, summary, result.procedure)
+        if self.examples is not None:
+            self.examples.add(item.name, result.model, result.weights.label, result.summaries,
+                              [layer.stats.max_positions for layer in result.capture.layers], result.procedure)
 
     def per_channel_csv(self) -> str:
         return csv_text(self.counter.rows(), PER_CHANNEL_COLUMNS)
+
+    def top_examples_csv(self) -> str:
+        """Per model x procedure x layer x channel, its top images (TOP_EXAMPLE_COLUMNS); '' when not kept."""
+        return csv_text(self.examples.rows(), TOP_EXAMPLE_COLUMNS) if self.examples else ''
 
 
 def fitting_batch(name: str, img_size: int, wanted: int, procedure: str = REAL_FORWARD, mlp_hidden: bool = False,

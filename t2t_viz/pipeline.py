@@ -1,6 +1,7 @@
 """Image in, everything the app and CLI show out: layers, flags, T2T stages and top-5 classes."""
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -12,7 +13,7 @@ from timm.data import ImageNetInfo
 
 from . import attention, capture, memory, procedures, zoo
 from .images import denormalize, preprocess_batch
-from .stats import LayerSummary, Thresholds, layer_stats, summarize
+from .stats import LayerStats, LayerSummary, Thresholds, layer_stats, summarize
 from .zoo import LoadedModel, WeightsInfo
 
 __all__ = ['ModelResult', 'inspect_images', 'run_batch', 'memory_estimate', 'display_estimate', 'rollout_estimate',
@@ -176,19 +177,32 @@ def inspect_images(
         procedure: str = capture.REAL_FORWARD,
         progress: Optional[Callable[[int, int], None]] = None,
         stop_early: bool = False,
+        position_floors: Optional[Callable[[str], torch.Tensor]] = None,
 ) -> List[ModelResult]:
     """One pass of the batch through the model; statistics per image and layer, reduced from full maps.
 
-    ``procedure`` is ``'real_forward'`` or ``'paper_notebook'`` (see :mod:`t2t_viz.procedures`); the
-    other options are those of :func:`t2t_viz.capture.run`.
+    ``procedure`` is ``'real_forward'`` or ``'paper_notebook'`` (see :mod:`t2t_viz.procedures`);
+    ``position_floors(layer name)`` (C,): also locate each channel's maximum where it reaches that floor
+    (``LayerStats.max_positions``). The other options are those of :func:`t2t_viz.capture.run`.
     """
+    reduce = layer_stats if position_floors is None else _LocatingStats(position_floors)
     captures = run_batch(loaded, images, procedure, mlp_hidden=mlp_hidden, dtype=dtype, max_side=max_side,
-                         keep_maps=keep_maps, layers=layers, reduce=layer_stats, progress=progress,
+                         keep_maps=keep_maps, layers=layers, reduce=reduce, progress=progress,
                          stop_early=stop_early)
     normalization = _input_normalization(loaded, procedure)
     return [ModelResult(loaded.request, loaded.weights, cap, [summarize(layer, thresholds) for layer in cap.layers],
                         top_k(cap.logits), normalization)
             for cap in captures]
+
+
+class _LocatingStats:
+    """layer_stats for each capture point, locating the channel maxima that reach the point's floor."""
+
+    def __init__(self, floors: Callable[[str], torch.Tensor]):
+        self.floors = floors
+
+    def for_point(self, point: capture.Point) -> Callable[..., LayerStats]:
+        return functools.partial(layer_stats, position_floor=self.floors(point.module_name))
 
 
 def _input_normalization(loaded: LoadedModel, procedure: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:

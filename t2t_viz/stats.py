@@ -40,7 +40,7 @@ import torch
 from .capture import REAL_FORWARD, Layer
 
 __all__ = ['Thresholds', 'ChannelStats', 'LayerStats', 'PrefixStats', 'LayerSummary', 'PrefixToken',
-           'TopActivation', 'channel_stats', 'layer_stats', 'kth_smallest_abs', 'summarize', 'CSV_COLUMNS',
+           'TopActivation', 'channel_stats', 'layer_stats', 'max_positions', 'kth_smallest_abs', 'summarize', 'CSV_COLUMNS',
            'PREFIX_COLUMNS', 'write_csv', 'csv_text', 'DeadChannelCounter', 'ChannelCounts', 'PER_CHANNEL_COLUMNS',
            'TOP_K', 'SUN_MIN_MAGNITUDE', 'SUN_MEDIAN_FACTOR']
 
@@ -129,6 +129,7 @@ class LayerStats:
     median_abs: torch.Tensor  # () exact median |x| of the layer (see kth_smallest_abs)
     sun_massive: torch.Tensor  # () activations with |x| > max(100, 1000 x median |x|)
     prefix: Optional[PrefixStats] = None  # None for layers without prefix tokens
+    max_positions: Optional[torch.Tensor] = None  # (C,) int64 where each channel's maximum is, -1 where not asked
 
 
 def _count(mask: torch.Tensor) -> int:
@@ -256,11 +257,36 @@ def _host(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.cpu() if tensor.device.type not in ('cpu', 'meta') else tensor
 
 
-def layer_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None, top_k: int = TOP_K) -> LayerStats:
+_POSITION_CHUNK = 1 << 20  # values gathered at once when only some channels' maxima are located
+
+
+def max_positions(values: torch.Tensor, maximum: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """(C,) int64 position of each channel's maximum in (C, N) ``values`` (the first, when it repeats), for
+    the channels whose ``maximum`` is at least ``floor`` (C,); -1 for the others.
+
+    A dataset's top examples need the position only where an image can enter a channel's list, which
+    after the first few images is rare; the other channels cost nothing (and all channels cost one argmax)."""
+    if values.is_meta:  # shape-only: as much as when every channel is located
+        return values.argmax(dim=1)
+    wanted = maximum >= floor.to(maximum.device)  # (C,) NaN maxima never qualify
+    if bool(wanted.all()):
+        return values.argmax(dim=1)
+    positions = torch.full(maximum.shape, -1, dtype=torch.long, device=values.device)
+    channels = wanted.nonzero().flatten()  # (m,)
+    step = max(1, _POSITION_CHUNK // max(1, values.shape[1]))
+    for first in range(0, channels.numel(), step):
+        chosen = channels[first:first + step]
+        positions[chosen] = values.index_select(0, chosen).argmax(dim=1)
+    return positions
+
+
+def layer_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None, top_k: int = TOP_K,
+                position_floor: Optional[torch.Tensor] = None) -> LayerStats:
     """Reduce one full (C, H, W) map and its (P, C) prefix tokens, if any, on the map's own device.
 
-    Tensor operations only, so it also runs shape-only on the meta device. The results are small and on
-    the CPU.
+    ``position_floor`` (C,): also locate the maximum of every channel whose maximum reaches it (see
+    :func:`max_positions`). Tensor operations only, so it also runs shape-only on the meta device. The
+    results are small and on the CPU.
     """
     channels = channel_stats(fmap)
     values = fmap.reshape(fmap.shape[0], -1).float()  # (C, N)
@@ -274,10 +300,13 @@ def layer_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None, top_k
     if prefix_stats is not None:
         prefix_stats = PrefixStats(*map(_host, (prefix_stats.max_abs, prefix_stats.max_abs_channel,
                                                prefix_stats.norms, prefix_stats.sun_massive)))
+    positions = None
+    if position_floor is not None:
+        positions = _host(max_positions(values, channels.maximum, position_floor))
     return LayerStats(ChannelStats(*map(_host, (channels.max_abs, channels.mean, channels.minimum,
                                                 channels.maximum))),
                       *map(_host, (token_norms, top_values, top_channels, top_positions, median_abs, sun_massive)),
-                      prefix=prefix_stats)
+                      prefix=prefix_stats, max_positions=positions)
 
 
 @dataclass(frozen=True)
