@@ -11,13 +11,14 @@ inside the hook (``reduce``) while only a small display copy, or nothing, is kep
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import re
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -27,6 +28,7 @@ from .models import T2TViT
 
 __all__ = ['Layer', 'Capture', 'Point', 'Recorder', 'run', 'layer_points', 'select_points', 't2t_module_points',
            'intermediate_points', 'intermediate_count', 'pooled_size', 'model_device', 'hooked_pass', 'hook_owner',
+           'hooks_installed', 'edit_hooks', 'Edit',
            'StopForward', 'FLOAT16_MAX', 'REAL_FORWARD']
 
 REAL_FORWARD = 'real_forward'
@@ -123,16 +125,24 @@ def hooked_pass(model: nn.Module, x: torch.Tensor, owner: object, hooks: Sequenc
     same shared modules. Hooks are registered and removed under one lock, and always removed. Returns the
     model's output, or None when a hook raised :class:`StopForward`.
     """
+    try:
+        with hooks_installed(owner, hooks, pre), torch.inference_mode():
+            return model(x.to(model_device(model)))
+    except StopForward:
+        return None
+
+
+@contextlib.contextmanager
+def hooks_installed(owner: object, hooks: Sequence[Tuple[nn.Module, Callable]], pre: bool = False) -> Iterator[None]:
+    """``hooks`` (forward hooks, or pre-hooks when ``pre``) on their modules for the ``with`` block, with
+    ``owner`` as :func:`hook_owner` in this context. Registered and removed under one lock, always removed."""
     handles = []
     token = _hook_owner.set(owner)
     try:
         with _hook_registry_lock:
             for module, hook in hooks:
                 handles.append(module.register_forward_pre_hook(hook) if pre else module.register_forward_hook(hook))
-        with torch.inference_mode():
-            return model(x.to(model_device(model)))
-    except StopForward:
-        return None
+        yield
     finally:
         _hook_owner.reset(token)
         with _hook_registry_lock:
@@ -353,6 +363,7 @@ def run(
         reduce: Optional[Callable[[torch.Tensor], Any]] = None,
         progress: Optional[Callable[[int, int], None]] = None,
         stop_early: bool = False,
+        edits: Sequence['Edit'] = (),
 ) -> List[Capture]:
     """Run ``x`` (B, 3, H, W) through ``model`` once; one Capture per image, layers in forward order.
 
@@ -366,10 +377,15 @@ def run(
             not keep the map.
         progress: called with (layers recorded, layers to record) as the pass goes.
         stop_early: stop the pass after the last requested layer (logits are then None).
+        edits: changes to module outputs during this pass only (see :class:`Edit`); a recorded layer shows
+            its module's edited output.
     """
     B, _, height, width = x.shape
     points = layer_points(model, height, width, mlp_hidden)
     if points is None:
+        if edits:
+            raise ValueError(f'{type(model).__name__} is captured through forward_intermediates, whose stages '
+                             'cannot be edited in the pass')
         return _run_intermediates(model, x, dtype, max_side, layers, keep_maps, reduce, progress, stop_early)
     points = select_points(points, layers)
     modules = dict(model.named_modules())
@@ -379,8 +395,33 @@ def run(
     recorder = Recorder(points, dtype, max_side, keep_maps, reduce, progress,
                         stop_after=points[-1].module_name if stop_early and points else None)
     hooks = [(modules[p.module_name], functools.partial(_hook, recorder, p.module_name)) for p in points]
-    logits = hooked_pass(model, x, recorder, hooks)
+    logits = hooked_pass(model, x, recorder, edit_hooks(model, recorder, edits) + hooks)
     return recorder.captures(logits, x)
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A change to one module's output during one pass: ``change(output)`` returns the output to use instead
+    (a new tensor; the module's own output is never written to)."""
+    module_name: str
+    change: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _edit_hook(owner: object, change: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, inputs,
+               output) -> Optional[torch.Tensor]:
+    if hook_owner() is not owner:
+        return None  # another caller's pass through the shared module
+    return change(output)
+
+
+def edit_hooks(model: nn.Module, owner: object, edits: Sequence[Edit]) -> List[Tuple[nn.Module, Callable]]:
+    """Forward hooks that apply ``edits`` in passes owned by ``owner``; install them before recording hooks
+    of the same modules, so that what is recorded is the edited output."""
+    modules: Dict[str, nn.Module] = dict(model.named_modules())
+    missing = [edit.module_name for edit in edits if edit.module_name not in modules]
+    if missing:
+        raise ValueError(f'model has no modules {missing} to edit')
+    return [(modules[edit.module_name], functools.partial(_edit_hook, owner, edit.change)) for edit in edits]
 
 
 def intermediate_points(count: int) -> List[Point]:

@@ -284,6 +284,34 @@ def _cmd_figure2(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _cmd_ablate(args: argparse.Namespace, out: TextIO) -> int:
+    from .ablation import ABLATION_COLUMNS, ablate, ablation_rows
+    from .stats import write_csv
+
+    image = _load_one_image(args.image)
+    loaded = _load_models(args, [args.model])[args.model]
+    _check_procedure(args.model, loaded, args.procedure)
+    _check_run_fits(loaded, args.procedure, keep_maps=False)
+    try:
+        result = ablate(loaded, image, args.layer, args.channels, args.mode, args.procedure, _thresholds(args))
+    except ValueError as e:
+        raise UserError(f'{args.model}: {e}') from e
+    with open(args.output, 'w', newline='') as f:
+        write_csv(ablation_rows(result), f, ABLATION_COLUMNS)
+    what = f'{len(result.channels)} channel(s) of {result.label} ({result.layer}) set to {args.mode}'
+    out.write(f'{args.model} ({loaded.weights.label} weights, {result.before.procedure}): {what}: '
+              + (';'.join(map(str, result.channels)) or 'none chosen') + '\n')
+    if result.has_logits:
+        for title, top5 in (('before', result.before.top5), ('after', result.after.top5)):
+            out.write(f'top-5 {title}: ' + '; '.join(f'{name} {p:.2%}' for name, p in top5) + '\n')
+        out.write(f'top-1 logit change {result.top_logit_change():+.6g}, KL(before || after) '
+                  f'{result.kl_divergence():.6g} nats\n')
+    out.write(('no change: every ' + ('logit' if result.has_logits else 'layer statistic') + ' is exactly as before\n')
+              if result.unchanged() else '')
+    out.write(f'{args.output}: {len(result.layers())} layer rows from {result.label} on\n')
+    return 0
+
+
 def _cmd_weights(args: argparse.Namespace, out: TextIO) -> int:
     names = args.model or list(dict.fromkeys(name for preset in zoo.PRESETS.values() for name in preset))
     failed = 0
@@ -423,6 +451,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_procedure_option(figure2, both=False)
     _add_picture_options(figure2)
     figure2.set_defaults(run=_cmd_figure2, cmap='gray')
+
+    ablate = commands.add_parser('ablate', help="zero channels of a layer (or set them to their mean) and compare "
+                                 'predictions and later layers with the untouched pass')
+    ablate.add_argument('image')
+    ablate.add_argument('--model', required=True)
+    ablate.add_argument('--layer', required=True, help='module path, label (conv25, "block 12") or depth')
+    ablate.add_argument('--channels', required=True,
+                        help="dead, flat, massive (as flagged in the untouched pass), top:N (largest mean "
+                             "activation) or a list such as 3,17,42")
+    ablate.add_argument('--mode', default='zero', choices=('zero', 'mean'),
+                        help="zero, or each channel's mean over the image")
+    ablate.add_argument('-o', '--output', required=True, help='CSV: one row per later layer, then the predictions')
+    _add_model_options(ablate, many=False)
+    _add_procedure_option(ablate, both=False)
+    ablate.set_defaults(run=_cmd_ablate)
 
     prepare = commands.add_parser('prepare', help="do once what the app's first start would: build the models "
                                   'and trace their memory estimates, kept for every later process')

@@ -5,7 +5,7 @@ import functools
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Collection, Dict, List, Optional, Tuple
+from typing import Callable, Collection, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -17,7 +17,7 @@ from .stats import LayerStats, LayerSummary, Thresholds, layer_stats, summarize
 from .zoo import LoadedModel, WeightsInfo
 
 __all__ = ['ModelResult', 'inspect_images', 'run_batch', 'memory_estimate', 'display_estimate', 'rollout_estimate',
-           'layer_labels', 'top_k', 'DISPLAY_SIDE', 'DISPLAY_DTYPE']
+           'layer_labels', 'capture_points', 'top_k', 'class_name', 'DISPLAY_SIDE', 'DISPLAY_DTYPE']
 
 DISPLAY_SIDE = 128  # kept display maps are average-pooled to at most this many pixels a side
 DISPLAY_DTYPE = torch.float16  # display maps only: statistics are reduced from the full float32 maps
@@ -53,14 +53,17 @@ def _imagenet() -> ImageNetInfo:
     return ImageNetInfo()
 
 
+def class_name(index: int, classes: int) -> str:
+    """The ImageNet description of class ``index`` of a 1000-class head, else 'class N'."""
+    return _imagenet().index_to_description(index) if classes == 1000 else f'class {index}'
+
+
 def top_k(logits: Optional[torch.Tensor], k: int = 5) -> List[Tuple[str, float]]:
     if logits is None:
         return []
     probs = logits.float().softmax(-1)
     values, indices = probs.topk(min(k, probs.numel()))
-    info = _imagenet() if probs.numel() == 1000 else None
-    return [(info.index_to_description(i) if info else f'class {i}', float(v))
-            for v, i in zip(values.tolist(), indices.tolist())]
+    return [(class_name(i, probs.numel()), float(v)) for v, i in zip(values.tolist(), indices.tolist())]
 
 
 def run_batch(loaded: LoadedModel, images: List[Image.Image], procedure: str = capture.REAL_FORWARD,
@@ -81,16 +84,20 @@ def _capture(model: torch.nn.Module, x: torch.Tensor, procedure: str, **options)
     return procedures.run_notebook(model, x, **options)
 
 
-def layer_labels(loaded: LoadedModel, procedure: str = capture.REAL_FORWARD) -> List[str]:
-    """The labels of the layers ``procedure`` records for this model at its input size (nothing is run)."""
+def capture_points(loaded: LoadedModel, procedure: str = capture.REAL_FORWARD) -> List[capture.Point]:
+    """The points ``procedure`` records for this model at its input size, in order (nothing is run)."""
     size = loaded.img_size
     if procedure == capture.REAL_FORWARD:
         points = capture.layer_points(loaded.model, size, size)
         if points is None:
             points = capture.intermediate_points(capture.intermediate_count(loaded.model))
-    else:
-        points = procedures.notebook_points(loaded.model, size, size)
-    return [p.label for p in points]
+        return points
+    return procedures.notebook_points(loaded.model, size, size)
+
+
+def layer_labels(loaded: LoadedModel, procedure: str = capture.REAL_FORWARD) -> List[str]:
+    """The labels of the layers ``procedure`` records for this model at its input size (nothing is run)."""
+    return [p.label for p in capture_points(loaded, procedure)]
 
 
 def memory_estimate(name: str, img_size: int, batch: int = 1, procedure: str = capture.REAL_FORWARD,
@@ -178,6 +185,7 @@ def inspect_images(
         progress: Optional[Callable[[int, int], None]] = None,
         stop_early: bool = False,
         position_floors: Optional[Callable[[str], torch.Tensor]] = None,
+        edits: Sequence[capture.Edit] = (),
 ) -> List[ModelResult]:
     """One pass of the batch through the model; statistics per image and layer, reduced from full maps.
 
@@ -188,7 +196,7 @@ def inspect_images(
     reduce = layer_stats if position_floors is None else _LocatingStats(position_floors)
     captures = run_batch(loaded, images, procedure, mlp_hidden=mlp_hidden, dtype=dtype, max_side=max_side,
                          keep_maps=keep_maps, layers=layers, reduce=reduce, progress=progress,
-                         stop_early=stop_early)
+                         stop_early=stop_early, edits=tuple(edits))
     normalization = _input_normalization(loaded, procedure)
     return [ModelResult(loaded.request, loaded.weights, cap, [summarize(layer, thresholds) for layer in cap.layers],
                         top_k(cap.logits), normalization)

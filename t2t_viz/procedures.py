@@ -33,7 +33,8 @@ import torch.nn as nn
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
-from .capture import REAL_FORWARD, Capture, Point, Recorder, model_device, select_points, t2t_module_points
+from .capture import (REAL_FORWARD, Capture, Edit, Point, Recorder, edit_hooks, hooks_installed, model_device,
+                      select_points, t2t_module_points)
 from .models import T2TViT
 
 __all__ = ['PAPER_NOTEBOOK', 'NOTEBOOK_ANALOGUE', 'PROCEDURES', 'procedure_of', 'describe', 'notebook_input',
@@ -178,6 +179,7 @@ def run_notebook(
         keep_maps: bool = True,
         reduce: Optional[Callable[[torch.Tensor], Any]] = None,
         progress: Optional[Callable[[int, int], None]] = None,
+        edits: Sequence[Edit] = (),
 ) -> List[Capture]:
     """The notebook procedure on ``x`` (B, 3, H, W) from :func:`notebook_input`; one Capture per image.
 
@@ -196,7 +198,7 @@ def run_notebook(
             recorder.record(by_name[name], output)
         return name == last
 
-    with torch.inference_mode():
+    with hooks_installed(recorder, edit_hooks(model, recorder, edits)), torch.inference_mode():
         x = x.to(model_device(model))
         if points:
             if _family(model) in ('t2t', 'vit'):
