@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import io
 import math
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, TextIO, Tuple, Union
 
 import numpy as np
@@ -26,7 +27,7 @@ from .stats import PER_CHANNEL_COLUMNS, DeadChannelCounter, Thresholds, csv_text
 from .zoo import LoadedModel
 
 __all__ = ['NamedImage', 'Failure', 'StatsRun', 'LayerAggregate', 'LayerSeries', 'expand_uploads', 'count_inputs',
-           'depth_bands', 'fitting_batch', 'AGGREGATED_COLUMNS', 'MAX_ZIP_MEMBERS']
+           'depth_bands', 'fitting_batch', 'JobFiles', 'AGGREGATED_COLUMNS', 'MAX_ZIP_MEMBERS']
 
 MAX_ZIP_MEMBERS = 10_000  # a .zip with more members is refused as a possible zip bomb
 
@@ -91,6 +92,43 @@ def _zip_members(name: str, data: bytes) -> Iterator[Union[NamedImage, Failure]]
                 yield _decode(label, archive.read(member))
             except (zipfile.BadZipFile, OSError, RuntimeError) as e:  # corrupt member, or encrypted
                 yield Failure(label, f'cannot be read from the zip ({e})')
+
+
+class JobFiles:
+    """A dataset job's files, kept on disk (never in memory) while the job lives, and read back on demand:
+    as (name, bytes) for :func:`expand_uploads`, or one image by the name it was given there (a zip member
+    is read from its zip). The folder is removed when the object is closed or collected."""
+
+    def __init__(self, files: Iterable[Tuple[str, bytes]]):
+        self._folder = tempfile.TemporaryDirectory(prefix='t2t-viz-job-')
+        self._paths: List[Tuple[str, Path]] = []  # (upload name, file on disk), in upload order
+        for index, (name, data) in enumerate(files):
+            path = Path(self._folder.name) / f'{index:06d}'
+            path.write_bytes(data)
+            self._paths.append((name, path))
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(path.stat().st_size for _, path in self._paths)
+
+    def sources(self) -> Iterator[Tuple[str, bytes]]:
+        """Each file as (name, bytes), read one at a time."""
+        for name, path in self._paths:
+            yield name, path.read_bytes()
+
+    def image(self, label: str) -> Image.Image:
+        """The image :func:`expand_uploads` named ``label``, decoded again from the files on disk."""
+        for name, path in self._paths:
+            if name == label and not name.lower().endswith('.zip'):
+                return load_image(path.read_bytes(), name=label)
+        for name, path in self._paths:
+            if name.lower().endswith('.zip') and label.startswith(name + '/'):
+                with zipfile.ZipFile(path) as archive:
+                    return load_image(archive.read(label[len(name) + 1:]), name=label)
+        raise KeyError(f'no file {label!r} in this job')
+
+    def close(self) -> None:
+        self._folder.cleanup()
 
 
 def count_inputs(files: Iterable[Tuple[str, bytes]]) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from .stats import LayerSummary
 
 __all__ = ['DEAD_COLOR', 'MASSIVE_COLOR', 'FLAT_COLOR', 'HIGH_NORM_COLOR', 'COLORMAPS', 'normalize_channels',
            'order_channels', 'channel_grid', 'colorize', 'overlay', 'blend', 'upscale', 'pca_image', 'norm_image',
-           'side_by_side', 'save_png', 'png_bytes']
+           'side_by_side', 'save_png', 'png_bytes', 'outline', 'example_picture', 'BOX_COLOR']
 
 DEAD_COLOR = (230, 25, 25)
 MASSIVE_COLOR = (255, 170, 0)
@@ -158,6 +158,37 @@ def norm_image(token_norms: torch.Tensor, high_norm: Optional[torch.Tensor] = No
         cell = picture[top:top + factor, left:left + factor]
         cell[:width], cell[-width:], cell[:, :width], cell[:, -width:] = (HIGH_NORM_COLOR,) * 4
     return picture
+
+
+BOX_COLOR = (255, 40, 40)
+
+
+def outline(rgb: np.ndarray, box: Tuple[int, int, int, int], color=BOX_COLOR, width: int = 2) -> np.ndarray:
+    """A copy of an (H, W, 3) picture with the (top, left, bottom, right) box outlined (bottom, right exclusive),
+    the outline drawn inside the box."""
+    picture = rgb.copy()
+    top, left, bottom, right = box
+    width = max(1, min(width, (bottom - top) // 2 or 1, (right - left) // 2 or 1))
+    picture[top:top + width, left:right] = color
+    picture[bottom - width:bottom, left:right] = color
+    picture[top:bottom, left:left + width] = color
+    picture[top:bottom, right - width:right] = color
+    return picture
+
+
+def example_picture(seen: Image.Image, channel_map: torch.Tensor, box: Tuple[int, int, int, int],
+                    side: int = 160) -> np.ndarray:
+    """One top example as a column of three ``side`` x ``side`` panels: the image the model saw with the box of
+    the channel's maximum outlined, the box's pixels enlarged, and the channel's (H, W) map over the image."""
+    top, left, bottom, right = box
+    scale_y, scale_x = side / seen.height, side / seen.width
+    small = np.asarray(seen.convert('RGB').resize((side, side), Image.BILINEAR))
+    shown = (int(top * scale_y), int(left * scale_x), max(int(top * scale_y) + 1, round(bottom * scale_y)),
+             max(int(left * scale_x) + 1, round(right * scale_x)))
+    crop = np.asarray(seen.convert('RGB').crop((left, top, right, bottom)).resize((side, side), Image.NEAREST))
+    over = np.asarray(Image.fromarray(overlay(channel_map, seen)).resize((side, side), Image.BILINEAR))
+    gap = np.full((4, side, 3), 255, dtype=np.uint8)
+    return np.concatenate([outline(small, shown), gap, crop, gap, over], axis=0)
 
 
 def side_by_side(pictures: Sequence[np.ndarray], gap: int = 8) -> np.ndarray:

@@ -249,6 +249,7 @@ def test_dataset_mode_names_bad_files_and_writes_the_clis_csvs(tmp_path, monkeyp
     at = _app()
     at.switch_page('t2t_viz/ui/pages/dataset.py').run()
     at.get('file_uploader')[0].set_value(files + [('broken.png', b'garbage', 'image/png')]).run()
+    at.number_input(key='ds_top_k').set_value(2).run()
     at.button(key='ds_run').click().run()
     assert not at.exception, at.exception
     assert any('`broken.png`: not an image Pillow can read' in m.value for m in at.markdown)
@@ -261,9 +262,19 @@ def test_dataset_mode_names_bad_files_and_writes_the_clis_csvs(tmp_path, monkeyp
         (tmp_path / name).write_bytes(content)
     monkeypatch.chdir(tmp_path)
     assert main(['stats', '0.png', '1.png', '2.png', *[a for m in SMALL.split(',') for a in ('--model', m)],
-                 '-o', 'cli.csv', '--per-channel', 'cli_channels.csv']) == 0
+                 '-o', 'cli.csv', '--per-channel', 'cli_channels.csv', '--top-examples', 'cli_top.csv',
+                 '--top-k', '2']) == 0
     assert job.csv_text() == (tmp_path / 'cli.csv').read_text()
     assert job.run.per_channel_csv() == (tmp_path / 'cli_channels.csv').read_text()
+    assert job.run.top_examples_csv() == (tmp_path / 'cli_top.csv').read_text()
+    strip = at.get('image')  # the first layer's channel 0: its top 2 images, each with box, crop and map
+    assert len(strip) == 2 and all(image.proto.imgs[0].caption.startswith(('0.png', '1.png', '2.png'))
+                                   for image in strip), [i.proto for i in strip]
+    assert any(m.value.startswith('**Top 2 images of ') for m in at.markdown)
+    assert 'Download top examples CSV' in {b.label for b in at.get('download_button')}
+    assert 'Download the strip (PNG)' in {b.label for b in at.get('download_button')}
+    selective = at.dataframe[-1].value
+    assert list(selective.columns) == ['channel', 'top value', 'mean maximum', 'gap', 'top image']
     rows = list(csv.DictReader(io.StringIO(job.csv_text())))
     assert {r['weights'] for r in rows} == {'trained'} and len({r['image'] for r in rows}) == 3
     at.number_input(key='ds_channel').set_value(2).run()
@@ -335,3 +346,37 @@ def test_a_gpu_run_is_held_against_gpu_memory_and_its_resize_against_the_hosts(m
     free['cuda'], free['cpu'] = 10**12, 10
     with pytest.raises(memory.InsufficientMemory, match='resizing the image for resnet18 at 224x224 needs about'):
         resources.run_fits('resnet18', 224, 'real_forward', None, 'cuda', image)
+
+
+def _resnet18_with_dead_stem_channels(folder: Path) -> None:
+    """A resnet18 weights file whose stem channels 3 and 7 are exactly zero after the ReLU on every image."""
+    folder.mkdir(exist_ok=True)
+    model = timm.create_model('resnet18')
+    with torch.no_grad():
+        model.bn1.weight[[3, 7]] = 0.0
+        model.bn1.bias[[3, 7]] = -1.0
+    torch.save(model.state_dict(), folder / 'resnet18.pth')
+
+
+def test_ablation_tab_dead_channels_change_nothing_and_a_live_one_does(tmp_path):
+    _resnet18_with_dead_stem_channels(tmp_path / 'checkpoints')
+    at = _app()
+    at.session_state['explore_tab'] = 'Ablation'
+    at.run()
+    assert at.selectbox(key='ab_model').value == 'resnet18' and at.selectbox(key='ab_layer').value == 'conv1'
+    assert any('2 dead channel(s) of 64' in c.value for c in at.caption)
+    at.button(key='ab_run').click().run()
+    assert not at.exception, at.exception
+    assert [s.value for s in at.success] == ['No change: every logit is exactly as in the untouched pass.']
+    assert any(m.value.startswith('**2 channel(s) of conv1 zeroed**: 3, 7') for m in at.markdown)
+    assert [m.value for m in at.metric][0] == '0 nats'
+    at.radio(key='ab_choice').set_value('top N by mean activation').run()
+    at.number_input(key='ab_top').set_value(4).run()
+    at.radio(key='ab_mode').set_value('mean').run()
+    at.button(key='ab_run').click().run()
+    assert not at.success and not at.exception
+    assert float(at.metric[0].value.split()[0]) > 0 and len(at.get('plotly_chart')) == 1
+    assert 'Download ablation CSV' in [b.label for b in at.get('download_button')]
+    at.radio(key='ab_procedure').set_value('paper_notebook').run()
+    at.button(key='ab_run').click().run()
+    assert any('never reaches the classifier' in i.value for i in at.info) and not at.exception

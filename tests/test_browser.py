@@ -21,6 +21,18 @@ MODELS = ('resnet18', 'vit_tiny_patch16_224', 't2t_vit_7')
 playwright_api = pytest.importorskip('playwright.sync_api')
 
 
+def _resnet18_with_dead_stem_channels(folder: Path) -> None:
+    """A resnet18 weights file whose stem channels 3 and 7 are exactly zero after the ReLU on every image."""
+    import timm
+    import torch
+    folder.mkdir(exist_ok=True)
+    model = timm.create_model('resnet18')
+    with torch.no_grad():
+        model.bn1.weight[[3, 7]] = 0.0
+        model.bn1.bias[[3, 7]] = -1.0
+    torch.save(model.state_dict(), folder / 'resnet18.pth')
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -93,6 +105,7 @@ def test_upload_grid_stages_csv_and_dataset_mode(server, server_log, chelsea, tm
         batch.append(tmp_path / f'{name}.png')
         Image.fromarray(load()).resize((160, 120)).save(batch[-1])
     (tmp_path / 'broken.png').write_bytes(b'not an image')
+    _resnet18_with_dead_stem_channels(tmp_path / 'checkpoints')  # read when the first page loads the models
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
@@ -120,22 +133,41 @@ def test_upload_grid_stages_csv_and_dataset_mode(server, server_log, chelsea, tm
                 if tab == 'Dead channels':
                     single = _download(page, 'Download CSV')
 
+            page.get_by_role('tab', name='Ablation').click(timeout=60_000)  # resnet18, conv1, dead channels
+            page.get_by_text('2 dead channel(s) of 64').wait_for(timeout=60_000)
+            page.get_by_role('button', name='Ablate').click()
+            page.get_by_text('No change: every logit is exactly as in the untouched pass.').wait_for(timeout=120_000)
+            page.get_by_text('2 channel(s) of conv1 zeroed').wait_for(timeout=10_000)
+            _idle(page)
+            page.screenshot(path=str(SCREENSHOTS / 'ablation.png'), full_page=True)
+
             page.get_by_role('link', name='Dataset statistics').click()
             page.locator('[data-testid="stMain"] input[type="file"]').set_input_files(
                 [str(path) for path in batch] + [str(tmp_path / 'broken.png')])
             page.get_by_role('button', name='Run').click()
             page.get_by_text('3 images through 3 model(s)').wait_for(timeout=180_000)
             page.get_by_text('broken.png').first.wait_for(timeout=10_000)
-            page.screenshot(path=str(SCREENSHOTS / 'dataset.png'), full_page=True)
             per_image = _download(page, 'Download per-image CSV')
             per_channel = _download(page, 'Download per-channel CSV')
+            channel = page.get_by_label('Channel', exact=True)
+            channel.fill('5')
+            channel.press('Enter')
+            page.get_by_text('Top 3 images of conv1 channel 5').wait_for(timeout=120_000)
+            _idle(page)
+            strip = page.locator('[data-testid="stImage"]', has_text='at row ')
+            assert strip.count() == 3, strip.count()
+            for index in range(3):  # each drawn: the image with its box, the box enlarged, the map over it
+                assert strip.nth(index).locator('img').evaluate('i => i.complete && i.naturalHeight') == 3 * 160 + 8
+            page.screenshot(path=str(SCREENSHOTS / 'dataset.png'), full_page=True)
         browser.close()
 
     rows = list(csv.DictReader(io.StringIO(single)))
     assert single.startswith('image,model,weights,layer,kind,depth,height,width,tokens,channels,dead,'
                              'dead_fraction,flat,massive,dead_ids,massive_ids')
     assert {r['model'] for r in rows} == set(MODELS)
-    assert {r['image'] for r in rows} == {'cat.png'} and {r['weights'] for r in rows} == {'random'}
+    assert {r['image'] for r in rows} == {'cat.png'}
+    assert {(r['model'], r['weights']) for r in rows} == {('resnet18', 'trained'), ('vit_tiny_patch16_224', 'random'),
+                                                          ('t2t_vit_7', 'random')}
     assert len(rows) == 21 + 13 + 13
     dataset_rows = list(csv.DictReader(io.StringIO(per_image)))
     assert {r['image'] for r in dataset_rows} == {'coffee.png', 'rocket.png', 'astronaut.png'}

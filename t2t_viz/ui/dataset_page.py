@@ -9,15 +9,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Tuple, Union
 
+import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
 from .. import memory, zoo
 from ..capture import REAL_FORWARD
-from ..dataset import Failure, NamedImage, StatsRun, count_inputs, depth_bands, expand_uploads, fitting_batch
+from ..dataset import (Failure, JobFiles, NamedImage, StatsRun, count_inputs, depth_bands, expand_uploads,
+                       fitting_batch)
+from ..examples import DEFAULT_TOP_K, Example, selective_channels
 from ..images import SAMPLE_PHOTOS, ImageError, sample_photo
 from ..procedures import PAPER_NOTEBOOK
-from ..render import map_picture, png_bytes, side_by_side
+from ..receptive import input_box, layer_geometry
+from ..render import example_picture, png_bytes, side_by_side
 from ..views import log_axis_top, on_log_axis
 from .explore import PLOT_CONFIG
 from .resources import load_model, model_result, store
@@ -26,7 +30,7 @@ from .sidebar import Settings
 __all__ = ['page', 'DatasetJob', 'DATASET_SIZES']
 
 DATASET_SIZES = (224, 384, 448, 512, 768, 1024, 1536, 2048)
-EXAMPLES = 4  # images kept (as thumbnails' sources) to show a chosen channel on
+EXAMPLE_SIDE = 160  # pixels a side of each panel of a top example
 PROCEDURE_CHOICES = {'real forward pass': (REAL_FORWARD,), "as the paper's notebooks": (PAPER_NOTEBOOK,),
                      'both': (REAL_FORWARD, PAPER_NOTEBOOK)}
 _COLORS = ('#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b')
@@ -42,8 +46,8 @@ class DatasetJob:
     batches: dict
     img_size: int
     rows_file: io.TextIOBase
+    files: JobFiles  # the uploads on disk, re-read to show top examples
     started: float = field(default_factory=time.monotonic)
-    examples: List[NamedImage] = field(default_factory=list)
     finished: bool = False
     stopped: bool = False
 
@@ -64,7 +68,6 @@ class DatasetJob:
         items = list(itertools.islice(self.pending, self.batch_size))
         batch = [item for item in items if isinstance(item, NamedImage)]
         self.run.failures.extend(item for item in items if isinstance(item, Failure))
-        self.examples.extend(batch[:EXAMPLES - len(self.examples)])
         if batch:
             self.run.add_batch(batch, self.batches)
         return bool(items)
@@ -82,7 +85,8 @@ def _sources(uploads, use_samples: bool) -> List[Tuple[str, bytes]]:
     return files
 
 
-def _start(settings: Settings, files: List[Tuple[str, bytes]], img_size: int, procedures, batch_size: int) -> None:
+def _start(settings: Settings, files: List[Tuple[str, bytes]], img_size: int, procedures, batch_size: int,
+           top_k: int) -> None:
     models, batches = {}, {}
     for name in settings.models:
         try:
@@ -96,10 +100,11 @@ def _start(settings: Settings, files: List[Tuple[str, bytes]], img_size: int, pr
     if not models:
         return
     rows_file = tempfile.TemporaryFile('w+', newline='')
-    run = StatsRun(models, rows_file, settings.thresholds, procedures)
+    run = StatsRun(models, rows_file, settings.thresholds, procedures, top_k=top_k)
     total = count_inputs(files)
-    job = DatasetJob(run, expand_uploads(files), total, batch_size, batches, img_size, rows_file)
-    store().hold(job, sum(len(data) for _, data in files))  # the files' bytes, kept until the job is dropped
+    kept = JobFiles(files)  # on disk: the job reads each file when it runs it, and again to show an example
+    job = DatasetJob(run, expand_uploads(kept.sources()), total, batch_size, batches, img_size, rows_file, kept)
+    store().hold(job, sum(len(data) for _, data in files))  # Streamlit's uploader keeps the uploads in memory
     st.session_state.dataset_job = job
 
 
@@ -158,25 +163,51 @@ def _heatmap(job: DatasetJob, model: str, procedure: str) -> Tuple[go.Figure, Li
     return figure, [(name, counts.label) for name, counts in layers]
 
 
-def _channel_examples(job: DatasetJob, settings: Settings, model: str, procedure: str, layer_label: str,
-                      channel: int) -> None:
-    columns = st.columns(max(1, len(job.examples)))
+def _example_picture(job: DatasetJob, settings: Settings, model: str, procedure: str, layer_label: str,
+                     channel: int, example: Example):
+    """The example's image re-read from the job's files and run up to the layer: (picture, caption)."""
+    image = job.files.image(example.image)
+    result = model_result(image, f'dataset:{example.image}', model, job.img_size, settings.device,
+                          settings.thresholds, procedure, [layer_label])
+    layer, seen = result.capture.layers[0], result.seen_image()
+    geometry = layer_geometry(job.run.models[model].model, layer.name, layer.kind, (layer.height, layer.width),
+                              (seen.height, seen.width), procedure)
+    box = input_box(geometry, example.row, example.col, (seen.height, seen.width))
+    picture = example_picture(seen, layer.fmap[channel].float(), box, EXAMPLE_SIDE)
+    return picture, f'{example.image}: {example.value:.4g} at row {example.row}, col {example.col}'
+
+
+def _top_examples(job: DatasetJob, settings: Settings, model: str, procedure: str, layer_name: str,
+                  layer_label: str, channel: int) -> None:
+    """The channel's top images as a strip: the box of its maximum on the image the model saw, that box
+    enlarged, and the channel's map over the image."""
+    weights = job.run.models[model].weights.label
+    kept = job.run.examples.layer(model, weights, procedure, layer_name)
+    counts = dict(job.run.counter.layers(model, procedure))[layer_name]
+    examples = kept.examples(channel)
+    st.markdown(f'**Top {len(examples)} images of {layer_label} channel {channel}** — dead in '
+                f'{float(counts.frequency[channel]):.0%} of {counts.images} images; mean maximum '
+                f'{kept.mean_maximum()[channel]:.4g}; top value {examples[0].value:.4g}' if examples else
+                f'No image reached {layer_label} channel {channel}.')
+    st.caption('Each column: the image the model saw (resized and centre-cropped) with the box of the '
+               "channel's maximum (CNN: its receptive field; ViT: its patch; T2T-ViT: its soft-split "
+               "support), that box enlarged, and the channel's map over the image.")
     pictures = []
-    for column, example in zip(columns, job.examples):
+    for column, example in zip(st.columns(max(1, len(examples))), examples):
         try:
-            result = model_result(example.image, f'dataset:{example.name}', model, job.img_size, settings.device,
-                                  settings.thresholds, procedure, [layer_label])
-        except (memory.InsufficientMemory, ValueError, RuntimeError) as e:
-            column.error(str(e))
+            picture, caption = _example_picture(job, settings, model, procedure, layer_label, channel, example)
+        except (memory.InsufficientMemory, ImageError, KeyError, ValueError, RuntimeError) as e:
+            column.error(f'{example.image}: {e}')
             continue
-        layer, summary = result.capture.layers[0], result.summaries[0]
-        state = 'dead' if channel in summary.dead_ids else 'alive'
-        pictures.append(map_picture(layer.fmap[channel], 160))
-        column.image(pictures[-1], caption=f'{example.name}: channel {channel} ({state})')
+        pictures.append(picture)
+        column.image(picture, caption=caption)
     if pictures:
-        st.download_button('Download these maps', data=lambda: png_bytes(side_by_side(pictures)),
-                           file_name=f'{model}_{layer_label}_channel{channel}.png', mime='image/png',
+        st.download_button('Download the strip (PNG)', data=lambda: png_bytes(side_by_side(pictures)),
+                           file_name=f'{model}_{layer_label}_channel{channel}_top.png', mime='image/png',
                            key='ds_examples_png', on_click='ignore')
+    st.markdown(f'**Most selective channels of {layer_label}** (top example furthest above the channel\'s '
+                'mean maximum over images)')
+    st.dataframe(pd.DataFrame(selective_channels(kept)), hide_index=True, key='ds_selective')
 
 
 def _results(job: DatasetJob, settings: Settings) -> None:
@@ -191,11 +222,13 @@ def _results(job: DatasetJob, settings: Settings) -> None:
         with st.expander(f'{len(run.failures)} file(s) skipped', expanded=True):
             for failure in run.failures:
                 st.markdown(f'- `{failure.name}`: {failure.reason}')
-    downloads = st.columns(2)
+    downloads = st.columns(3)
     downloads[0].download_button('Download per-image CSV', data=job.csv_text, file_name='stats.csv', mime='text/csv',
                                  key='ds_csv', on_click='ignore')
     downloads[1].download_button('Download per-channel CSV', data=run.per_channel_csv, file_name='channels.csv',
                                  mime='text/csv', key='ds_channels', on_click='ignore')
+    downloads[2].download_button('Download top examples CSV', data=run.top_examples_csv,
+                                 file_name='top_examples.csv', mime='text/csv', key='ds_top', on_click='ignore')
     if not run.images_done:
         return
     series = depth_bands(run.aggregates.values())
@@ -219,9 +252,7 @@ def _results(job: DatasetJob, settings: Settings) -> None:
     name, label = layers[layer_index]
     channels = job.run.counter.layers(model, procedure)[layer_index][1]
     channel = min(channel, channels.dead_images.numel() - 1)
-    st.caption(f'{label} channel {channel}: dead in {float(channels.frequency[channel]):.0%} of '
-               f'{channels.images} images; shown on the first {len(job.examples)}')
-    _channel_examples(job, settings, model, procedure, label, channel)
+    _top_examples(job, settings, model, procedure, name, label, channel)
 
 
 def page(settings: Settings) -> None:
@@ -230,14 +261,15 @@ def page(settings: Settings) -> None:
                'statistics are kept, so memory does not grow with the number of images.')
     job: Optional[DatasetJob] = st.session_state.get('dataset_job')
     uploads = st.file_uploader('Images, or .zip files of images', accept_multiple_files=True, key='ds_files')
-    controls = st.columns(4)
+    controls = st.columns(5)
     use_samples = controls[0].checkbox('All bundled samples', key='ds_samples')
     img_size = controls[1].selectbox('Input size', DATASET_SIZES, key='ds_size')
     procedures = PROCEDURE_CHOICES[controls[2].selectbox('Procedure', list(PROCEDURE_CHOICES), key='ds_procedure')]
     batch_size = controls[3].number_input('Batch size', 1, 64, 8, key='ds_batch')
+    top_k = controls[4].number_input('Top images per channel', 1, 32, DEFAULT_TOP_K, key='ds_top_k')
     running = job is not None and not job.finished and not job.stopped
     if st.button('Run', type='primary', key='ds_run', disabled=running or not (uploads or use_samples)):
-        _start(settings, _sources(uploads, use_samples), img_size, procedures, int(batch_size))
+        _start(settings, _sources(uploads, use_samples), img_size, procedures, int(batch_size), int(top_k))
         job = st.session_state.get('dataset_job')
         running = job is not None
     if job is None:

@@ -1,4 +1,4 @@
-"""Explore one image: feature maps, compare, procedures, T2T stages, attention, norms, dead channels."""
+"""Explore one image: feature maps, compare, procedures, T2T stages, attention, norms, dead channels, ablation."""
 from __future__ import annotations
 
 import math
@@ -22,7 +22,7 @@ from ..render import (blend, channel_grid, map_picture, norm_image, order_channe
                       upscale)
 from ..stats import LayerSummary, csv_text
 from ..views import compare_depths, depth_curves, log_axis_top, on_log_axis, soft_split_windows, t2t_steps
-from . import attention_tab
+from . import ablation_tab, attention_tab
 from .resources import load_model, model_result
 from .sidebar import Settings
 
@@ -30,7 +30,7 @@ __all__ = ['page', 'run_models', 'weights_notes', 'EXPLORE_SIZES', 'TABS']
 
 EXPLORE_SIZES = (224, 384, 448, 512, 768, 1024, 1536, 2048)
 TABS = ('Feature maps', 'Compare', 'Procedures', 'T2T stages', 'Attention', 'Norms & massive', 'Dead channels',
-        'Predictions')
+        'Ablation', 'Predictions')
 VIEWS = ('channels', 'PCA colours', 'token norms')
 COMPARE_CELL = 64  # pixels per channel tile in the Compare panels
 GRID_CELL = 64  # pixels per channel tile in the Feature maps grid: small pictures redraw fast
@@ -411,6 +411,7 @@ def page(settings: Settings) -> None:
         'Attention': lambda: attention_tab.render(results, settings, img_size),
         'Norms & massive': lambda: _norms_tab(results),
         'Dead channels': lambda: _dead_tab(results),
+        'Ablation': lambda: ablation_tab.render(results, settings, img_size),
         'Predictions': lambda: _predictions_tab(results),
     }
     for tab, title in zip(tabs, TABS):
