@@ -262,14 +262,15 @@ _POSITION_CHUNK = 1 << 20  # values gathered at once when only some channels' ma
 
 def max_positions(values: torch.Tensor, maximum: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
     """(C,) int64 position of each channel's maximum in (C, N) ``values`` (the first, when it repeats), for
-    the channels whose ``maximum`` is at least ``floor`` (C,); -1 for the others.
+    at least the channels whose ``maximum`` reaches ``floor`` (C,); -1 for channels not located.
 
     A dataset's top examples need the position only where an image can enter a channel's list, which
-    after the first few images is rare; the other channels cost nothing (and all channels cost one argmax)."""
+    after the first few images is rare: those rows are gathered and searched, the others cost nothing.
+    When half the channels or more qualify, one argmax over the whole map is cheaper than gathering."""
     if values.is_meta:  # shape-only: as much as when every channel is located
         return values.argmax(dim=1)
     wanted = maximum >= floor.to(maximum.device)  # (C,) NaN maxima never qualify
-    if bool(wanted.all()):
+    if 2 * _count(wanted) >= wanted.numel():
         return values.argmax(dim=1)
     positions = torch.full(maximum.shape, -1, dtype=torch.long, device=values.device)
     channels = wanted.nonzero().flatten()  # (m,)

@@ -212,3 +212,26 @@ def test_dead_channel_counts_per_procedure_in_depth_order_and_their_rows():
         {'model': 'm', 'weights': 'trained', 'layer': 'z.deep', 'kind': 'block', 'depth': 1, 'channel': 1,
          'images': 2, 'dead_images': 1, 'dead_fraction': '0.5', 'procedure': 'real_forward'}]
     assert all(type(row['dead_images']) is int for row in rows)
+
+
+def test_job_files_stay_on_disk_and_give_back_each_image_by_its_name(chelsea):
+    from PIL import ImageChops
+
+    from t2t_viz.dataset import JobFiles
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, 'w') as z:
+        z.writestr('set/a.png', _png(chelsea.rotate(90)))
+        z.writestr('set/b.png', _png(chelsea.rotate(180)))
+    files = JobFiles([('one.png', _png(chelsea)), ('photos.zip', archive.getvalue())])
+    folder = files._folder.name
+    assert files.disk_bytes == len(_png(chelsea)) + len(archive.getvalue())
+    names = [item.name for item in expand_uploads(files.sources())]
+    assert names == ['one.png', 'photos.zip/set/a.png', 'photos.zip/set/b.png']
+    expected = {item.name: item.image for item in expand_uploads([('one.png', _png(chelsea)),
+                                                                  ('photos.zip', archive.getvalue())])}
+    for name in names:
+        assert ImageChops.difference(files.image(name), expected[name]).getbbox() is None, name
+    with pytest.raises(KeyError, match='no file'):
+        files.image('two.png')
+    files.close()
+    assert not os.path.exists(folder)

@@ -159,11 +159,13 @@ def test_maxima_are_located_only_where_they_reach_the_floor_at_1024():
     values = torch.rand(1024, 64 * 64)  # ViT-L/16 at 1024: 1024 channels x 64 x 64 tokens
     planted = torch.randint(0, 64 * 64, (1024,))
     values[torch.arange(1024), planted] = 2.0 + torch.arange(1024) / 1024
-    floor = torch.full((1024,), 2.5)
+    floor = torch.full((1024,), 2.75)
     located = max_positions(values, values.amax(dim=1), floor)
-    reaching = values.amax(dim=1) >= 2.5
-    assert torch.equal(located[reaching], planted[reaching]) and reaching.sum() == 512
+    reaching = values.amax(dim=1) >= 2.75
+    assert torch.equal(located[reaching], planted[reaching]) and reaching.sum() == 256
     assert (located[~reaching] == -1).all()
+    half = max_positions(values, values.amax(dim=1), torch.full((1024,), 2.5))  # half reach it: one argmax
+    assert torch.equal(half, planted)
     everything = max_positions(values, values.amax(dim=1), torch.tensor(-float('inf')))
     assert torch.equal(everything, planted)
 
