@@ -154,8 +154,9 @@ class Recorder:
     """Turns outputs at known points into per-image layer records: reduced in place, kept as asked.
 
     ``reduce(fmap, prefix)`` gets each image's full (C, H, W) map and its (P, C) prefix tokens (None for
-    points without them); a ``reduce`` with a ``for_point(point)`` method gives the function for each point. A point known to repeat the previous point's output (a timm ResNet stage's output
-    is its last ReLU's output, untouched in between) reuses that reduction when it is the very same tensor.
+    points without them); a ``reduce`` with a ``for_point(point)`` method gives the function for each point.
+    A point known to repeat the previous point's output (a timm ResNet stage's output is its last ReLU's
+    output, untouched in between) reuses that reduction when it is the very same tensor.
     """
 
     def __init__(self, points: Sequence[Point], dtype: torch.dtype = torch.float32, max_side: Optional[int] = None,

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, TextIO
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 import torch
 from PIL import Image
@@ -19,6 +21,7 @@ from .figure import DEFAULT_CHANNELS, DEFAULT_SIZE, Panel, compose, figure_layer
 from .images import ImageError, find_images, load_image, preprocess
 from .memory import InsufficientMemory, available_bytes, format_bytes
 from .models import T2TViT
+from .partial import Partial, PartialError, load_partial, merge_partials, save_partial
 from .pipeline import DISPLAY_SIDE, ModelResult, display_estimate, inspect_images, layer_labels, memory_estimate
 from .procedures import PAPER_NOTEBOOK, PROCEDURES, check_supported
 from .render import channel_grid, norm_image, order_channels, pca_image, save_png, upscale
@@ -130,12 +133,67 @@ def _procedures(args: argparse.Namespace) -> List[str]:
     return list(PROCEDURES) if args.procedure == 'both' else [args.procedure]
 
 
+def _parse_shard(text: Optional[str]) -> Tuple[int, int]:
+    if text is None:
+        return 1, 1
+    index, sep, count = text.partition('/')
+    if not sep or not index.isdigit() or not count.isdigit() or not 1 <= int(index) <= int(count):
+        raise UserError(f'--shard takes I/N with 1 <= I <= N, not {text!r}')
+    return int(index), int(count)
+
+
+def shard_inputs(inputs: Sequence[str], index: int, count: int) -> List[str]:
+    """Shard ``index`` (1-based) of ``count``: a contiguous block of the inputs, so that shards concatenated in
+    order are the inputs in order."""
+    total = len(inputs)
+    return list(inputs[(index - 1) * total // count:index * total // count])
+
+
+def _run_options(args: argparse.Namespace, loaded: Dict[str, LoadedModel]) -> dict:
+    """What must agree between a run and its resumption, or between merged shards."""
+    return {'models': {name: model.weights.label for name, model in loaded.items()},
+            'img_size': {name: model.img_size for name, model in loaded.items()},
+            'procedures': _procedures(args), 'mlp_hidden': args.mlp_hidden,
+            'thresholds': [args.dead_atol, args.flat_atol, args.massive_factor, args.high_norm_factor],
+            'top_k': args.top_k if args.top_examples else 0, 'batch_size': args.batch_size}
+
+
+def partial_path(output: str) -> Path:
+    """The partial file kept beside a run's per-image CSV."""
+    return Path(output + '.partial')
+
+
+def _open_rows(args: argparse.Namespace, options: dict, inputs: List[str], shard: Tuple[int, int]):
+    """(CSV file, partial to resume from or None): with --resume, the CSV cut back to the rows the partial
+    counts (rows written after its last save are written again)."""
+    saved = partial_path(args.output)
+    if not args.resume or not saved.exists():
+        if args.resume:
+            sys.stderr.write(f'--resume: no {saved}; starting from the first image\n')
+        return open(args.output, 'w', newline=''), None
+    try:
+        partial = load_partial(saved)
+    except PartialError as e:
+        raise UserError(str(e)) from e
+    if partial.options != options or partial.inputs != inputs or partial.shard != shard:
+        raise UserError(f'{saved} is of another run (other models, options or inputs); remove it to start again')
+    rows = open(args.output, 'r+', newline='')
+    rows.seek(0, 2)
+    if rows.tell() < partial.rows_bytes:
+        raise UserError(f'{args.output} is shorter than {saved} says; remove both to start again')
+    rows.truncate(partial.rows_bytes)
+    rows.seek(partial.rows_bytes)
+    return rows, partial
+
+
 def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
     from tqdm import tqdm
 
-    paths = list(find_images(args.paths))
+    shard = _parse_shard(args.shard)
+    paths = [str(path) for path in find_images(args.paths)]
     if not paths:
         raise UserError('no image files found in ' + ', '.join(args.paths))
+    inputs = shard_inputs(paths, *shard)
     loaded = _load_models(args, _model_names(args))
     batches = {}
     for name, model in loaded.items():
@@ -151,21 +209,32 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
                                  f'fit in memory; using batches of {batch}\n')
             batches[name, procedure] = batch
     show = _show_progress(args)
-
-    with open(args.output, 'w', newline='') as csv_file, tqdm(total=len(paths), desc='images', unit='image',
-                                                             disable=not show) as image_bar:
+    options = _run_options(args, loaded)
+    csv_file, resumed = _open_rows(args, options, inputs, shard)
+    done = resumed.inputs_done if resumed else 0
+    every = max(args.batch_size, args.save_every // args.batch_size * args.batch_size)  # whole batches
+    with csv_file, tqdm(total=len(inputs), initial=done, desc='images', unit='image', disable=not show) as bar:
         run = StatsRun(loaded, csv_file, _thresholds(args), _procedures(args), args.mlp_hidden,
-                       top_k=args.top_k if args.top_examples else 0)
-        for start in range(0, len(paths), args.batch_size):
+                       top_k=options['top_k'], header=resumed is None)
+        if resumed:
+            resumed.restore(run)
+            sys.stderr.write(f'resuming after {done} of {len(inputs)} inputs\n')
+        saved_at = done
+        for start in range(done, len(inputs), args.batch_size):
             images = []
-            for path in paths[start:start + args.batch_size]:
+            for path in inputs[start:start + args.batch_size]:
                 try:
-                    images.append(NamedImage(str(path), load_image(path)))
+                    images.append(NamedImage(path, load_image(path)))
                 except ImageError as e:
-                    run.failures.append(Failure(str(path), str(e)))
+                    run.failures.append(Failure(path, str(e)))
                     sys.stderr.write(f'skipped: {e}\n')
             run.add_batch(images, batches, progress=lambda name, procedure: _layer_bar(f'{name} {procedure}', show))
-            image_bar.update(len(paths[start:start + args.batch_size]))
+            done = min(len(inputs), start + args.batch_size)
+            bar.update(done - start)
+            if done - saved_at >= every:
+                _save(run, csv_file, options, inputs, done, shard, args.output)
+                saved_at = done
+        _save(run, csv_file, options, inputs, done, shard, args.output)
     if args.per_channel:
         with open(args.per_channel, 'w', newline='') as f:
             f.write(run.per_channel_csv())
@@ -174,8 +243,59 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
             f.write(run.top_examples_csv())
     failed = len(run.failures)
     sys.stderr.write(f'{run.images_done} image(s) x {len(loaded)} model(s) -> {args.output}'
+                     + (f' (shard {shard[0]} of {shard[1]})' if shard != (1, 1) else '')
                      + (f'; {failed} skipped' if failed else '') + '\n')
     return 1 if failed else 0
+
+
+def _save(run: StatsRun, csv_file: TextIO, options: dict, inputs: List[str], done: int, shard: Tuple[int, int],
+          output: str) -> None:
+    """Rows on disk first, then the partial that counts them (a crash between the two repeats some rows on
+    --resume, never loses them)."""
+    csv_file.flush()
+    os.fsync(csv_file.fileno())
+    save_partial(Partial.of(run, options, inputs, done, csv_file.tell(), shard), partial_path(output))
+
+
+def _cmd_merge(args: argparse.Namespace, out: TextIO) -> int:
+    from .examples import TOP_EXAMPLE_COLUMNS
+    from .stats import PER_CHANNEL_COLUMNS, csv_text
+
+    parts = []
+    for given in args.partials:
+        rows = given[:-len('.partial')] if given.endswith('.partial') else given
+        try:
+            parts.append((rows, load_partial(partial_path(rows))))
+        except (PartialError, FileNotFoundError) as e:
+            raise UserError(f'{given}: no readable partial beside it ({e})') from e
+    parts.sort(key=lambda part: part[1].shard)
+    counts = {part.shard[1] for _, part in parts}
+    if len(counts) != 1 or [part.shard[0] for _, part in parts] != list(range(1, counts.pop() + 1)):
+        raise UserError('the partials must be the shards 1/N ... N/N of one run, each once: got '
+                        + ', '.join(f'{p.shard[0]}/{p.shard[1]}' for _, p in parts))
+    unfinished = [rows for rows, part in parts if part.inputs_done < len(part.inputs)]
+    if unfinished:
+        raise UserError(f'not finished: {", ".join(unfinished)} (run them again with --resume)')
+    try:
+        merged = merge_partials([part for _, part in parts])
+    except PartialError as e:
+        raise UserError(str(e)) from e
+    if args.top_examples and merged.examples is None:
+        raise UserError('--top-examples: the shards kept no top examples (run them with --top-examples)')
+    with open(args.output, 'wb') as target:
+        for index, (rows, part) in enumerate(parts):
+            with open(rows, 'rb') as source:
+                header = source.readline()
+                if index == 0:
+                    target.write(header)
+                target.write(source.read(part.rows_bytes - len(header)))
+    if args.per_channel:
+        Path(args.per_channel).write_text(csv_text(merged.counter.rows(), PER_CHANNEL_COLUMNS))
+    if args.top_examples:
+        Path(args.top_examples).write_text(csv_text(merged.examples.rows(), TOP_EXAMPLE_COLUMNS))
+    out.write(f'{len(parts)} shards, {merged.images_done} image(s) -> {args.output}'
+              + (f'; {len(merged.failures)} skipped' if merged.failures else '') + '\n')
+    return 0
 
 
 def _check_procedure(name: str, loaded: LoadedModel, procedure: str) -> None:
@@ -420,7 +540,20 @@ def build_parser() -> argparse.ArgumentParser:
                        "in which the channel's maximum activation was largest, with the value and its grid position")
     stats.add_argument('--top-k', type=int, default=DEFAULT_TOP_K, help='images kept per channel for --top-examples '
                        f'(default {DEFAULT_TOP_K})')
+    stats.add_argument('--shard', metavar='I/N', help='process only shard I of N (a contiguous block of the '
+                       'inputs, in order) and keep its partial for `t2t-viz merge`')
+    stats.add_argument('--resume', action='store_true', help='continue an interrupted run of the same command from '
+                       'its partial file (OUTPUT.partial)')
+    stats.add_argument('--save-every', type=int, default=64, metavar='N',
+                       help='save the partial statistics every N images (default 64)')
     stats.set_defaults(run=_cmd_stats)
+
+    merge = commands.add_parser('merge', help='combine the shards of a stats run into the files of one run')
+    merge.add_argument('partials', nargs='+', help="the shards' per-image CSV files (each with its .partial beside)")
+    merge.add_argument('-o', '--output', required=True, help='the per-image CSV of all shards, in input order')
+    merge.add_argument('--per-channel', metavar='CSV')
+    merge.add_argument('--top-examples', metavar='CSV')
+    merge.set_defaults(run=_cmd_merge)
 
     stages = commands.add_parser('stages', help='the Tokens-to-Token stage table of an image')
     stages.add_argument('image')
@@ -493,6 +626,8 @@ def main(argv: Optional[List[str]] = None, out: Optional[TextIO] = None) -> int:
         parser.error('--batch-size must be at least 1')
     if getattr(args, 'top_k', 1) < 1:
         parser.error('--top-k must be at least 1')
+    if getattr(args, 'save_every', 1) < 1:
+        parser.error('--save-every must be at least 1')
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format='%(message)s')
     reuse_freed_memory()
     try:

@@ -174,6 +174,14 @@ class LayerAggregate:
     def mean(self, column: str) -> float:
         return self.total[column] / self.count if self.count else math.nan
 
+    def merge(self, other: 'LayerAggregate') -> None:
+        """Add another aggregate of the same layer over other images."""
+        self.count += other.count
+        for column in AGGREGATED_COLUMNS:
+            self.total[column] += other.total[column]
+            self.low[column] = min(self.low[column], other.low[column])
+            self.high[column] = max(self.high[column], other.high[column])
+
 
 class StatsRun:
     """Statistics of many images through several models, added one batch at a time.
@@ -183,7 +191,8 @@ class StatsRun:
     """
 
     def __init__(self, models: Dict[str, LoadedModel], out: TextIO, thresholds: Thresholds = Thresholds(),
-                 procedures: Sequence[str] = (REAL_FORWARD,), mlp_hidden: bool = False, top_k: int = 0):
+                 procedures: Sequence[str] = (REAL_FORWARD,), mlp_hidden: bool = False, top_k: int = 0,
+                 header: bool = True):
         self.models, self.out, self.thresholds = models, out, thresholds
         self.procedures, self.mlp_hidden = tuple(procedures), mlp_hidden
         self.aggregates: Dict[Tuple[str, str, str], LayerAggregate] = {}
@@ -191,16 +200,20 @@ class StatsRun:
         self.examples: Optional[TopExamples] = TopExamples(top_k) if top_k else None  # top images per channel
         self.failures: List[Failure] = []
         self.images_done = 0
-        write_csv([], out)
+        if header:  # a resumed run appends to rows that have one
+            write_csv([], out)
 
     def add_batch(self, images: Sequence[NamedImage], batches: Optional[Dict[Tuple[str, str], int]] = None,
-                  progress: Optional[Callable[[str, str], Callable[[int, int], None]]] = None,
-                  on_result: Optional[Callable[[NamedImage, ModelResult], None]] = None) -> None:
+                  progress: Optional[Callable[[str, str], Callable[[int, int], None]]] = None) -> None:
         """Run every model (and procedure) over ``images`` and write their rows.
 
-        ``batches`` gives, per (model, procedure), how many images go through at once (default: all);
-        ``progress(model, procedure)`` returns a layer-progress callback for each pass.
+        Rows are written in one order whatever the batch size: by image (in the order given), then model,
+        procedure and depth. ``batches`` gives, per (model, procedure), how many images go through at once
+        (default: all); ``progress(model, procedure)`` returns a layer-progress callback for each pass.
         """
+        if not images:  # a batch of unreadable files only
+            return
+        rows = [io.StringIO() for _ in images]  # each image's rows, written out once every model has run
         for name, loaded in self.models.items():
             for procedure in self.procedures:
                 step = (batches or {}).get((name, procedure), len(images)) or 1
@@ -213,10 +226,10 @@ class StatsRun:
                                              mlp_hidden=self.mlp_hidden, keep_maps=False, procedure=procedure,
                                              progress=progress(name, procedure) if progress else None,
                                              position_floors=floors)
-                    for item, result in zip(chunk, results):
-                        self._add(item, result)
-                        if on_result:
-                            on_result(item, result)
+                    for index, (item, result) in enumerate(zip(chunk, results), start=first):
+                        self._add(item, result, rows[index])
+        for text in rows:
+            self.out.write(text.getvalue())
         self.images_done += len(images)
 
     def _fitting_step(self, loaded: LoadedModel, procedure: str, wanted: int, images: Sequence[NamedImage]) -> int:
@@ -230,9 +243,9 @@ class StatsRun:
             available = memory.available_bytes(loaded.device)
         return fitting_batch(loaded.request, loaded.img_size, wanted, procedure, self.mlp_hidden, available)
 
-    def _add(self, item: NamedImage, result: ModelResult) -> None:
+    def _add(self, item: NamedImage, result: ModelResult, out: TextIO) -> None:
         rows = result.rows(item.name)
-        write_csv(rows, self.out, header=False)
+        write_csv(rows, out, header=False)
         for row, summary in zip(rows, result.summaries):
             key = (result.model, result.procedure, summary.name)
             if key not in self.aggregates:

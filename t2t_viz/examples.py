@@ -153,6 +153,13 @@ class TopExamples:
                                                            layer.height, layer.width, self.k)
             mine.merge(layer)
 
+    def items(self) -> Iterable[Tuple[Tuple[str, str, str, str], ChannelExamples]]:
+        """((model, weights, procedure, layer), examples) in the order first seen."""
+        return self._layers.items()
+
+    def put(self, key: Tuple[str, str, str, str], layer: ChannelExamples) -> None:
+        self._layers[key] = layer
+
     def layer(self, model: str, weights: str, procedure: str, layer: str) -> ChannelExamples:
         return self._layers[(model, weights, procedure, layer)]
 

@@ -40,9 +40,9 @@ import torch
 from .capture import REAL_FORWARD, Layer
 
 __all__ = ['Thresholds', 'ChannelStats', 'LayerStats', 'PrefixStats', 'LayerSummary', 'PrefixToken',
-           'TopActivation', 'channel_stats', 'layer_stats', 'max_positions', 'kth_smallest_abs', 'summarize', 'CSV_COLUMNS',
-           'PREFIX_COLUMNS', 'write_csv', 'csv_text', 'DeadChannelCounter', 'ChannelCounts', 'PER_CHANNEL_COLUMNS',
-           'TOP_K', 'SUN_MIN_MAGNITUDE', 'SUN_MEDIAN_FACTOR']
+           'TopActivation', 'channel_stats', 'layer_stats', 'max_positions', 'kth_smallest_abs', 'summarize',
+           'CSV_COLUMNS', 'PREFIX_COLUMNS', 'write_csv', 'csv_text', 'DeadChannelCounter', 'ChannelCounts',
+           'PER_CHANNEL_COLUMNS', 'TOP_K', 'SUN_MIN_MAGNITUDE', 'SUN_MEDIAN_FACTOR']
 
 PREFIX_COLUMNS = ('prefix_tokens', 'prefix_max_abs', 'prefix_max_abs_token', 'prefix_max_abs_channel',
                   'prefix_max_abs_ratio', 'prefix_sun_massive', 'prefix_norms', 'prefix_high_norm_tokens')
@@ -504,6 +504,23 @@ class DeadChannelCounter:
                                                        torch.zeros(summary.channels, dtype=torch.long))
         counts.dead_images[summary.dead_ids] += 1
         counts.images += 1
+
+    def items(self) -> Iterable[Tuple[Tuple[str, str, str, str], ChannelCounts]]:
+        """((model, weights, procedure, layer), counts) in the order first seen."""
+        return self._counts.items()
+
+    def put(self, key: Tuple[str, str, str, str], counts: ChannelCounts) -> None:
+        self._counts[key] = counts
+
+    def merge(self, other: 'DeadChannelCounter') -> None:
+        """Add the counts of other images: as if this counter had seen them too."""
+        for key, counts in other.items():
+            mine = self._counts.get(key)
+            if mine is None:
+                mine = self._counts[key] = ChannelCounts(counts.label, counts.kind, counts.depth,
+                                                         torch.zeros_like(counts.dead_images))
+            mine.dead_images += counts.dead_images
+            mine.images += counts.images
 
     def layers(self, model: str, procedure: str = REAL_FORWARD) -> List[Tuple[str, ChannelCounts]]:
         """(layer name, counts) of one model and procedure, in depth order."""
