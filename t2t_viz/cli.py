@@ -20,12 +20,13 @@ from .capture import REAL_FORWARD
 from .figure import DEFAULT_CHANNELS, DEFAULT_SIZE, Panel, compose, figure_layers, heading_for
 from .images import ImageError, find_images, load_image, preprocess
 from .memory import InsufficientMemory, available_bytes, format_bytes
+from .loading import default_workers, prepared_batches, transforms_of
 from .models import T2TViT
 from .partial import Partial, PartialError, load_partial, merge_partials, save_partial
 from .pipeline import DISPLAY_SIDE, ModelResult, display_estimate, inspect_images, layer_labels, memory_estimate
 from .procedures import PAPER_NOTEBOOK, PROCEDURES, check_supported
 from .render import channel_grid, norm_image, order_channels, pca_image, save_png, upscale
-from .dataset import Failure, NamedImage, StatsRun, fitting_batch
+from .dataset import StatsRun, fitting_batch
 from .examples import DEFAULT_TOP_K
 from .stats import Thresholds
 from .zoo import LoadedModel
@@ -220,17 +221,16 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
             resumed.restore(run)
             sys.stderr.write(f'resuming after {done} of {len(inputs)} inputs\n')
         saved_at = done
-        for start in range(done, len(inputs), args.batch_size):
-            images = []
-            for path in inputs[start:start + args.batch_size]:
-                try:
-                    images.append(NamedImage(path, load_image(path)))
-                except ImageError as e:
-                    run.failures.append(Failure(path, str(e)))
-                    sys.stderr.write(f'skipped: {e}\n')
-            run.add_batch(images, batches, progress=lambda name, procedure: _layer_bar(f'{name} {procedure}', show))
-            done = min(len(inputs), start + args.batch_size)
-            bar.update(done - start)
+        pin = any(model.device.type == 'cuda' for model in loaded.values())
+        for batch in prepared_batches(inputs[done:], transforms_of(loaded, _procedures(args)), args.batch_size,
+                                      args.workers, pin):
+            for failure in batch.failures:
+                run.failures.append(failure)
+                sys.stderr.write(f'skipped: {failure.reason}\n')
+            run.add_batch(batch.images, batches, prepared=batch.inputs,
+                          progress=lambda name, procedure: _layer_bar(f'{name} {procedure}', show))
+            done += batch.consumed
+            bar.update(batch.consumed)
             if done - saved_at >= every:
                 _save(run, csv_file, options, inputs, done, shard, args.output)
                 saved_at = done
@@ -544,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
                        'inputs, in order) and keep its partial for `t2t-viz merge`')
     stats.add_argument('--resume', action='store_true', help='continue an interrupted run of the same command from '
                        'its partial file (OUTPUT.partial)')
+    stats.add_argument('--workers', type=int, default=default_workers(), metavar='N',
+                       help='processes that decode and resize images while the models run (default: one per core '
+                            f'but one, here {default_workers()}; 0 decodes in this process)')
     stats.add_argument('--save-every', type=int, default=64, metavar='N',
                        help='save the partial statistics every N images (default 64)')
     stats.set_defaults(run=_cmd_stats)
@@ -628,6 +631,8 @@ def main(argv: Optional[List[str]] = None, out: Optional[TextIO] = None) -> int:
         parser.error('--top-k must be at least 1')
     if getattr(args, 'save_every', 1) < 1:
         parser.error('--save-every must be at least 1')
+    if getattr(args, 'workers', 0) < 0:
+        parser.error('--workers cannot be negative')
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format='%(message)s')
     reuse_freed_memory()
     try:

@@ -16,13 +16,14 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, TextIO, Tuple, Union
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .capture import REAL_FORWARD
 from .examples import TOP_EXAMPLE_COLUMNS, TopExamples
 from .images import IMAGE_EXTENSIONS, ImageError, load_image, preprocess_bytes
 from . import memory
-from .pipeline import ModelResult, inspect_images, memory_estimate
+from .pipeline import ModelResult, input_transform, inspect_images, memory_estimate
 from .stats import PER_CHANNEL_COLUMNS, DeadChannelCounter, Thresholds, csv_text, write_csv
 from .zoo import LoadedModel
 
@@ -35,7 +36,7 @@ MAX_ZIP_MEMBERS = 10_000  # a .zip with more members is refused as a possible zi
 @dataclass
 class NamedImage:
     name: str
-    image: Image.Image
+    image: Optional[Image.Image]  # None when the batch comes prepared (see StatsRun.add_batch)
 
 
 @dataclass(frozen=True)
@@ -204,12 +205,14 @@ class StatsRun:
             write_csv([], out)
 
     def add_batch(self, images: Sequence[NamedImage], batches: Optional[Dict[Tuple[str, str], int]] = None,
-                  progress: Optional[Callable[[str, str], Callable[[int, int], None]]] = None) -> None:
+                  progress: Optional[Callable[[str, str], Callable[[int, int], None]]] = None,
+                  prepared: Optional[Dict[tuple, torch.Tensor]] = None) -> None:
         """Run every model (and procedure) over ``images`` and write their rows.
 
         Rows are written in one order whatever the batch size: by image (in the order given), then model,
         procedure and depth. ``batches`` gives, per (model, procedure), how many images go through at once
-        (default: all); ``progress(model, procedure)`` returns a layer-progress callback for each pass.
+        (default: all); ``progress(model, procedure)`` returns a layer-progress callback for each pass;
+        ``prepared``: the images' (B, 3, H, W) inputs per transform key (see :mod:`t2t_viz.loading`).
         """
         if not images:  # a batch of unreadable files only
             return
@@ -219,13 +222,15 @@ class StatsRun:
                 step = (batches or {}).get((name, procedure), len(images)) or 1
                 if batches:  # the decoded images are in memory now: the passes must fit beside them
                     step = self._fitting_step(loaded, procedure, step, images)
+                key = input_transform(loaded, procedure)[0]
                 for first in range(0, len(images), step):
                     chunk = images[first:first + step]
                     floors = self.examples.floors(name, loaded.weights.label, procedure) if self.examples else None
+                    inputs = None if prepared is None else prepared[key][first:first + step]  # (b, 3, H, W)
                     results = inspect_images(loaded, [item.image for item in chunk], self.thresholds,
                                              mlp_hidden=self.mlp_hidden, keep_maps=False, procedure=procedure,
                                              progress=progress(name, procedure) if progress else None,
-                                             position_floors=floors)
+                                             position_floors=floors, inputs=inputs)
                     for index, (item, result) in enumerate(zip(chunk, results), start=first):
                         self._add(item, result, rows[index])
         for text in rows:
@@ -234,12 +239,15 @@ class StatsRun:
 
     def _fitting_step(self, loaded: LoadedModel, procedure: str, wanted: int, images: Sequence[NamedImage]) -> int:
         """The largest batch, at most ``wanted``, whose pass and the resizing of the largest image of
-        ``images`` fit in the memory available now. InsufficientMemory when one image does not."""
-        resizing = max(preprocess_bytes(item.image, loaded.data_config) for item in images)  # on the CPU
+        ``images`` fit in the memory available now (images prepared elsewhere resize nothing here).
+        InsufficientMemory when one image does not."""
+        resizing = max(0 if item.image is None else preprocess_bytes(item.image, loaded.data_config)
+                       for item in images)  # on the CPU
         if loaded.device.type == 'cpu':
             available = memory.available_bytes() - resizing
         else:
-            memory.check_fits(resizing, f'resizing {max(images, key=lambda i: i.image.width * i.image.height).name}')
+            largest = max(images, key=lambda i: 0 if i.image is None else i.image.width * i.image.height)
+            memory.check_fits(resizing, f'resizing {largest.name}')
             available = memory.available_bytes(loaded.device)
         return fitting_batch(loaded.request, loaded.img_size, wanted, procedure, self.mlp_hidden, available)
 

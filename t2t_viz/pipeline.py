@@ -17,7 +17,7 @@ from .stats import LayerStats, LayerSummary, Thresholds, layer_stats, summarize
 from .zoo import LoadedModel, WeightsInfo
 
 __all__ = ['ModelResult', 'inspect_images', 'run_batch', 'memory_estimate', 'display_estimate', 'rollout_estimate',
-           'layer_labels', 'capture_points', 'top_k', 'class_name', 'DISPLAY_SIDE', 'DISPLAY_DTYPE']
+           'layer_labels', 'capture_points', 'top_k', 'class_name', 'input_transform', 'DISPLAY_SIDE', 'DISPLAY_DTYPE']
 
 DISPLAY_SIDE = 128  # kept display maps are average-pooled to at most this many pixels a side
 DISPLAY_DTYPE = torch.float16  # display maps only: statistics are reduced from the full float32 maps
@@ -66,10 +66,32 @@ def top_k(logits: Optional[torch.Tensor], k: int = 5) -> List[Tuple[str, float]]
     return [(class_name(i, probs.numel()), float(v)) for v, i in zip(values.tolist(), indices.tolist())]
 
 
-def run_batch(loaded: LoadedModel, images: List[Image.Image], procedure: str = capture.REAL_FORWARD,
-              **options) -> List[capture.Capture]:
-    """Preprocess ``images`` as ``procedure`` does and capture them in one pass (options of capture.run)."""
+def input_transform(loaded: LoadedModel, procedure: str = capture.REAL_FORWARD
+                    ) -> Tuple[Tuple, Callable[[Image.Image], torch.Tensor]]:
+    """(key, transform): how ``procedure`` turns one image into the (3, H, W) input of this model. Models
+    whose transforms have the same key share their inputs."""
     if procedure == capture.REAL_FORWARD:
+        config = loaded.data_config
+        key = ('model',) + tuple(sorted((k, repr(v)) for k, v in config.items()))
+        return key, functools.partial(_preprocess_one, config)
+    return ('notebook', loaded.img_size), functools.partial(_notebook_one, loaded.img_size)
+
+
+def _preprocess_one(config: dict, image: Image.Image) -> torch.Tensor:
+    return preprocess_batch([image], config)[0]
+
+
+def _notebook_one(size: int, image: Image.Image) -> torch.Tensor:
+    return procedures.notebook_input([image], size)[0]
+
+
+def run_batch(loaded: LoadedModel, images: List[Image.Image], procedure: str = capture.REAL_FORWARD,
+              inputs: Optional[torch.Tensor] = None, **options) -> List[capture.Capture]:
+    """Preprocess ``images`` as ``procedure`` does (or take their prepared (B, 3, H, W) ``inputs``, see
+    :func:`input_transform`) and capture them in one pass (options of capture.run)."""
+    if inputs is not None:
+        x = inputs
+    elif procedure == capture.REAL_FORWARD:
         x = preprocess_batch(images, loaded.data_config)  # (B, 3, H, W), the model's own transform
     else:
         x = procedures.notebook_input(images, loaded.img_size)  # (B, 3, S, S) in [0, 1]
@@ -186,15 +208,17 @@ def inspect_images(
         stop_early: bool = False,
         position_floors: Optional[Callable[[str], torch.Tensor]] = None,
         edits: Sequence[capture.Edit] = (),
+        inputs: Optional[torch.Tensor] = None,
 ) -> List[ModelResult]:
     """One pass of the batch through the model; statistics per image and layer, reduced from full maps.
 
     ``procedure`` is ``'real_forward'`` or ``'paper_notebook'`` (see :mod:`t2t_viz.procedures`);
     ``position_floors(layer name)`` (C,): also locate each channel's maximum where it reaches that floor
-    (``LayerStats.max_positions``). The other options are those of :func:`t2t_viz.capture.run`.
+    (``LayerStats.max_positions``); ``inputs``: the batch already prepared (see :func:`input_transform`),
+    ``images`` then unused. The other options are those of :func:`t2t_viz.capture.run`.
     """
     reduce = layer_stats if position_floors is None else _LocatingStats(position_floors)
-    captures = run_batch(loaded, images, procedure, mlp_hidden=mlp_hidden, dtype=dtype, max_side=max_side,
+    captures = run_batch(loaded, images, procedure, inputs, mlp_hidden=mlp_hidden, dtype=dtype, max_side=max_side,
                          keep_maps=keep_maps, layers=layers, reduce=reduce, progress=progress,
                          stop_early=stop_early, edits=tuple(edits))
     normalization = _input_normalization(loaded, procedure)

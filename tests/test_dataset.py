@@ -110,7 +110,7 @@ def test_memory_does_not_grow_with_the_number_of_images(chelsea, monkeypatch):
     assert len(layers) == 13 and layers[0][1].images == 14
 
     kept = []  # the measurement catches a run that keeps what it should drop
-    monkeypatch.setattr(run, '_add', lambda item, result: kept.append(result))
+    monkeypatch.setattr(run, '_add', lambda item, result, out: kept.append(result))
     run.add_batch(batch)
     assert _live_tensor_bytes() - after_one > 100_000
 

@@ -170,3 +170,12 @@ def test_shards_are_contiguous_blocks_covering_every_input_once():
     blocks = [shard_inputs(inputs, index, 3) for index in (1, 2, 3)]
     assert blocks == [['0', '1', '2'], ['3', '4', '5'], ['6', '7', '8', '9']]
     assert shard_inputs(inputs[:2], 3, 3) == ['1'] and shard_inputs(inputs[:2], 1, 3) == []
+
+
+def test_worker_processes_prepare_the_same_inputs_byte_for_byte(folder):
+    assert _stats('-o', 'here.csv', '--top-examples', 'here_top.csv', '--batch-size', '3', '--workers', '0',
+                  '--procedure', 'both') == 1
+    assert _stats('-o', 'workers.csv', '--top-examples', 'workers_top.csv', '--batch-size', '3', '--workers', '2',
+                  '--procedure', 'both') == 1
+    assert Path('workers.csv').read_bytes() == Path('here.csv').read_bytes()
+    assert Path('workers_top.csv').read_bytes() == Path('here_top.csv').read_bytes()
