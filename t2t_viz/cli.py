@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -187,9 +188,59 @@ def _open_rows(args: argparse.Namespace, options: dict, inputs: List[str], shard
     return rows, partial
 
 
+def _cmd_stats_on_ray(args: argparse.Namespace, paths: List[str]) -> int:
+    """The run's shards on Ray workers; the same files as one process."""
+    from tqdm import tqdm
+
+    from .examples import TOP_EXAMPLE_COLUMNS
+    from .stats import CSV_COLUMNS, PER_CHANNEL_COLUMNS, csv_text
+    try:
+        from .cluster import RunSpec, run_shards
+        import ray  # noqa: F401
+    except ImportError as e:
+        raise UserError('--ray needs Ray: pip install "t2t-viz[ray]"') from e
+    if args.resume or args.shard:
+        raise UserError('--ray runs every shard itself; --resume and --shard are for runs without it')
+    spec = RunSpec(tuple(_model_names(args)), _parse_checkpoints(args.checkpoint), args.img_size, args.device,
+                   tuple(_procedures(args)), args.mlp_hidden, _thresholds(args),
+                   args.top_k if args.top_examples else 0, args.batch_size)
+    partials = []
+    address = None if args.ray == 'local' else args.ray
+    with open(args.output, 'wb') as rows, tqdm(total=len(paths), desc='images', unit='image') as bar:
+        rows.write(csv_text([], CSV_COLUMNS).encode())
+        try:
+            report = functools.partial(bar.write, file=sys.stderr)
+            for shard in run_shards(spec, paths, address, args.ray_workers, report=report):
+                rows.write(shard.rows)
+                partials.append(shard.partial)
+                bar.update(len(shard.partial.inputs))
+                for failure in shard.partial.failures:
+                    report(f'skipped: {failure.reason}')
+        except Exception as e:  # a worker that died more often than Ray retries it, or a cluster error
+            raise UserError(f'the Ray run failed: {type(e).__name__}: {e}') from e
+    try:
+        merged = merge_partials(partials)
+    except PartialError as e:
+        raise UserError(f'workers disagree on the weights of the models: {e}') from e
+    if args.per_channel:
+        Path(args.per_channel).write_text(csv_text(merged.counter.rows(), PER_CHANNEL_COLUMNS))
+    if args.top_examples:
+        Path(args.top_examples).write_text(csv_text(merged.examples.rows(), TOP_EXAMPLE_COLUMNS))
+    weights = ', '.join(f'{name} {label}' for name, label in merged.options['models'].items())
+    failed = len(merged.failures)
+    sys.stderr.write(f'{merged.images_done} image(s) x {len(spec.models)} model(s) ({weights} weights) on Ray '
+                     f'-> {args.output}' + (f'; {failed} skipped' if failed else '') + '\n')
+    return 1 if failed else 0
+
+
 def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
     from tqdm import tqdm
 
+    if args.ray:
+        paths = [str(path) for path in find_images(args.paths)]
+        if not paths:
+            raise UserError('no image files found in ' + ', '.join(args.paths))
+        return _cmd_stats_on_ray(args, paths)
     shard = _parse_shard(args.shard)
     paths = [str(path) for path in find_images(args.paths)]
     if not paths:
@@ -544,6 +595,11 @@ def build_parser() -> argparse.ArgumentParser:
                        'inputs, in order) and keep its partial for `t2t-viz merge`')
     stats.add_argument('--resume', action='store_true', help='continue an interrupted run of the same command from '
                        'its partial file (OUTPUT.partial)')
+    stats.add_argument('--ray', nargs='?', const='local', metavar='ADDRESS',
+                       help='run the shards on Ray workers: a new local cluster, or the cluster at ADDRESS '
+                            '("auto": the one this machine belongs to); needs pip install "t2t-viz[ray]"')
+    stats.add_argument('--ray-workers', type=int, metavar='N',
+                       help='Ray workers (default: one per GPU of the cluster, else one per CPU)')
     stats.add_argument('--workers', type=int, default=default_workers(), metavar='N',
                        help='processes that decode and resize images while the models run (default: one per core '
                             f'but one, here {default_workers()}; 0 decodes in this process)')

@@ -25,7 +25,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -34,7 +34,8 @@ from .dataset import Failure, LayerAggregate, StatsRun
 from .examples import ChannelExamples, TopExamples
 from .stats import ChannelCounts, DeadChannelCounter
 
-__all__ = ['Partial', 'save_partial', 'load_partial', 'merge_partials', 'PartialError', 'FORMAT', 'VERSION']
+__all__ = ['Partial', 'save_partial', 'partial_bytes', 'load_partial', 'merge_partials', 'PartialError', 'FORMAT',
+           'VERSION']
 
 FORMAT, VERSION = 't2t-viz-partial', 1
 
@@ -84,6 +85,12 @@ def _replace(path: Path, data: bytes) -> None:
 
 
 def save_partial(partial: Partial, path: os.PathLike) -> None:
+    """Write the partial file, replacing any earlier one atomically."""
+    _replace(Path(path), partial_bytes(partial))
+
+
+def partial_bytes(partial: Partial) -> bytes:
+    """The partial file's contents (what a remote worker sends back)."""
     names: Dict[str, int] = {}
     arrays: Dict[str, np.ndarray] = {}
     counters, examples, aggregates = [], [], []
@@ -109,12 +116,16 @@ def save_partial(partial: Partial, path: os.PathLike) -> None:
             'counters': counters, 'examples': examples, 'aggregates': aggregates}
     buffer = io.BytesIO()
     np.savez_compressed(buffer, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
-    _replace(Path(path), buffer.getvalue())
+    return buffer.getvalue()
 
 
-def load_partial(path: os.PathLike) -> Partial:
+def load_partial(path: Union[os.PathLike, str, bytes]) -> Partial:
+    """A partial from its file, or from the bytes of one."""
+    source = io.BytesIO(path) if isinstance(path, bytes) else path
+    if isinstance(path, bytes):
+        path = 'partial bytes'
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with np.load(source, allow_pickle=False) as archive:
             meta = json.loads(archive['meta'].tobytes().decode())
             arrays = {name: archive[name] for name in archive.files if name != 'meta'}
     except (OSError, ValueError, KeyError) as e:

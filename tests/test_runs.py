@@ -179,3 +179,16 @@ def test_worker_processes_prepare_the_same_inputs_byte_for_byte(folder):
                   '--procedure', 'both') == 1
     assert Path('workers.csv').read_bytes() == Path('here.csv').read_bytes()
     assert Path('workers_top.csv').read_bytes() == Path('here_top.csv').read_bytes()
+
+
+def test_a_local_ray_cluster_with_two_workers_writes_the_files_of_one_process(folder, capsys):
+    pytest.importorskip('ray')
+    assert _stats('-o', 'one.csv', '--per-channel', 'one_ch.csv', '--top-examples', 'one_top.csv',
+                  '--batch-size', '1') == 1
+    assert _stats('-o', 'ray.csv', '--per-channel', 'ray_ch.csv', '--top-examples', 'ray_top.csv',
+                  '--batch-size', '1', '--ray', '--ray-workers', '2') == 1  # the unreadable file, as in one process
+    for mine, theirs in (('ray.csv', 'one.csv'), ('ray_ch.csv', 'one_ch.csv'), ('ray_top.csv', 'one_top.csv')):
+        assert Path(mine).read_bytes() == Path(theirs).read_bytes(), mine
+    err = capsys.readouterr().err
+    assert 'ray: 2 worker(s) on 1 node(s)' in err and 'skipped: images/03b.png' in err
+    assert '7 image(s) x 2 model(s) (resnet18 trained, t2t_vit_7 trained weights) on Ray -> ray.csv' in err
