@@ -7,6 +7,7 @@ byte-for-byte the same CSV for the same images and models.
 """
 from __future__ import annotations
 
+import csv
 import io
 import math
 import tempfile
@@ -20,15 +21,15 @@ import torch
 from PIL import Image
 
 from .capture import REAL_FORWARD
-from .examples import TOP_EXAMPLE_COLUMNS, TopExamples
+from .examples import TOP_EXAMPLE_COLUMNS, ChannelExamples, TopExamples
 from .images import IMAGE_EXTENSIONS, ImageError, load_image, preprocess_bytes
 from . import memory
 from .pipeline import ModelResult, input_transform, inspect_images, memory_estimate
-from .stats import PER_CHANNEL_COLUMNS, DeadChannelCounter, Thresholds, csv_text, write_csv
+from .stats import CSV_COLUMNS, PER_CHANNEL_COLUMNS, ChannelCounts, DeadChannelCounter, Thresholds, csv_text, write_csv
 from .zoo import LoadedModel
 
 __all__ = ['NamedImage', 'Failure', 'StatsRun', 'LayerAggregate', 'LayerSeries', 'expand_uploads', 'count_inputs',
-           'depth_bands', 'fitting_batch', 'JobFiles', 'AGGREGATED_COLUMNS', 'MAX_ZIP_MEMBERS']
+           'depth_bands', 'fitting_batch', 'JobFiles', 'FinishedRun', 'PathFiles', 'AGGREGATED_COLUMNS', 'MAX_ZIP_MEMBERS']
 
 MAX_ZIP_MEMBERS = 10_000  # a .zip with more members is refused as a possible zip bomb
 
@@ -130,6 +131,15 @@ class JobFiles:
 
     def close(self) -> None:
         self._folder.cleanup()
+
+
+class PathFiles:
+    """Images named by their paths (a finished CLI run's), read again when shown, if they are on this machine."""
+
+    def image(self, label: str) -> Image.Image:
+        if not Path(label).is_file():
+            raise KeyError(f'{label} is not on this server')
+        return load_image(label)
 
 
 def count_inputs(files: Iterable[Tuple[str, bytes]]) -> int:
@@ -265,6 +275,11 @@ class StatsRun:
             self.examples.add(item.name, result.model, result.weights.label, result.summaries,
                               [layer.stats.max_positions for layer in result.capture.layers], result.procedure)
 
+    @property
+    def model_weights(self) -> Dict[str, str]:
+        """Each model's weights label ('trained' or 'random')."""
+        return {name: loaded.weights.label for name, loaded in self.models.items()}
+
     def per_channel_csv(self) -> str:
         return csv_text(self.counter.rows(), PER_CHANNEL_COLUMNS)
 
@@ -322,3 +337,59 @@ def depth_bands(aggregates: Iterable[LayerAggregate],
             {c: np.array([a.low[c] for a in layers]) for c in AGGREGATED_COLUMNS},
             {c: np.array([a.high[c] for a in layers]) for c in AGGREGATED_COLUMNS}))
     return series
+
+
+class FinishedRun:
+    """A finished run read back from its files (per-image CSV, and optionally the per-channel and top-examples
+    CSVs): the same aggregates, dead counts and top examples as the run that wrote them, without recomputing.
+    Top-example values come back at the CSV's 6 significant digits."""
+
+    def __init__(self, rows_text: str, per_channel_text: str = '', top_examples_text: str = ''):
+        rows = list(csv.DictReader(io.StringIO(rows_text)))
+        if rows and set(CSV_COLUMNS) - set(rows[0]):
+            raise ValueError(f'not a per-image statistics CSV: no columns {sorted(set(CSV_COLUMNS) - set(rows[0]))}')
+        self.rows_text, self.failures = rows_text, []
+        self.aggregates: Dict[Tuple[str, str, str], LayerAggregate] = {}
+        layers: Dict[Tuple[str, str, str], dict] = {}  # (model, procedure, layer) -> its first row
+        for row in rows:
+            key = (row['model'], row['procedure'], row['layer'])
+            if key not in self.aggregates:
+                self.aggregates[key] = LayerAggregate(*key, row['label'], row['kind'], int(row['depth']))
+                layers[key] = row
+            self.aggregates[key].add(row)
+        self.images_done = len({row['image'] for row in rows})
+        self.model_weights = {row['model']: row['weights'] for row in rows}
+        self.counter = DeadChannelCounter()
+        counted: Dict[Tuple[str, str, str, str], Tuple[dict, List[int]]] = {}  # key -> (first row, dead counts)
+        for row in csv.DictReader(io.StringIO(per_channel_text)):
+            key = (row['model'], row['weights'], row['procedure'], row['layer'])
+            counted.setdefault(key, (row, []))[1].append(int(row['dead_images']))
+        for key, (row, dead) in counted.items():
+            label = layers.get((row['model'], row['procedure'], row['layer']), {}).get('label', row['layer'])
+            self.counter.put(key, ChannelCounts(label, row['kind'], int(row['depth']),
+                                                torch.tensor(dead, dtype=torch.long), int(row['images'])))
+        self.examples: Optional[TopExamples] = None
+        examples = list(csv.DictReader(io.StringIO(top_examples_text)))
+        if examples:
+            self.examples = TopExamples(max(int(row['rank']) for row in examples))
+            kept_layers: Dict[Tuple[str, str, str, str], ChannelExamples] = {}
+            for row in examples:
+                first = layers[(row['model'], row['procedure'], row['layer'])]
+                key = (row['model'], row['weights'], row['procedure'], row['layer'])
+                kept = kept_layers.get(key)
+                if kept is None:
+                    kept = ChannelExamples(first['label'], first['kind'], int(first['depth']), int(first['channels']),
+                                           int(first['height']), int(first['width']), self.examples.k)
+                    self.examples.put(key, kept)
+                    kept_layers[key] = kept
+                channel, rank = int(row['channel']), int(row['rank']) - 1
+                kept.values[channel, rank] = float(row['value'])
+                kept.images[channel, rank] = row['image']
+                kept.positions[channel, rank] = int(row['row']) * kept.width + int(row['col'])
+        self._per_channel_text, self._top_examples_text = per_channel_text, top_examples_text
+
+    def per_channel_csv(self) -> str:
+        return self._per_channel_text
+
+    def top_examples_csv(self) -> str:
+        return self._top_examples_text

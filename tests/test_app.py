@@ -380,3 +380,31 @@ def test_ablation_tab_dead_channels_change_nothing_and_a_live_one_does(tmp_path)
     at.radio(key='ab_procedure').set_value('paper_notebook').run()
     at.button(key='ab_run').click().run()
     assert any('never reaches the classifier' in i.value for i in at.info) and not at.exception
+
+
+def test_dataset_page_loads_a_finished_runs_files_and_shows_the_same_results(tmp_path, monkeypatch):
+    from t2t_viz.cli import main
+    checkpoints = tmp_path / 'checkpoints'
+    checkpoints.mkdir()
+    torch.save(timm.create_model('resnet18').state_dict(), checkpoints / 'resnet18.pth')
+    monkeypatch.setenv('T2T_VIZ_MODELS', 'resnet18')
+    monkeypatch.chdir(tmp_path)
+    for i, load in enumerate((data.chelsea, data.coffee, data.astronaut)):
+        Image.fromarray(load()).resize((96, 80)).save(tmp_path / f'{i}.png')
+    assert main(['stats', '0.png', '1.png', '2.png', '--model', 'resnet18', '-o', 'run.csv', '--per-channel',
+                 'channels.csv', '--top-examples', 'top.csv', '--top-k', '2']) == 0
+    at = _app()
+    at.switch_page('t2t_viz/ui/pages/dataset.py').run()
+    for label, name in (('Per-image CSV', 'run.csv'), ('Per-channel CSV', 'channels.csv'),
+                        ('Top examples CSV', 'top.csv')):
+        uploader = {u.proto.label: u for u in at.get('file_uploader')}[label]
+        uploader.set_value([(name, (tmp_path / name).read_bytes(), 'text/csv')]).run()
+    at.button(key='ds_load').click().run()
+    assert not at.exception, at.exception
+    assert [s.value for s in at.success] == ['3 images through 1 model(s) (loaded from files)']
+    assert len(at.get('plotly_chart')) == 6
+    job = at.session_state.dataset_job
+    assert job.csv_text() == (tmp_path / 'run.csv').read_text()
+    assert job.run.per_channel_csv() == (tmp_path / 'channels.csv').read_text()
+    assert any(m.value.startswith('**Top 2 images of conv1 channel 0**') for m in at.markdown)
+    assert len(at.get('image')) == 2  # the files are on this machine: drawn again

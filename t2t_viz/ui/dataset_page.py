@@ -15,8 +15,8 @@ import streamlit as st
 
 from .. import memory, zoo
 from ..capture import REAL_FORWARD
-from ..dataset import (Failure, JobFiles, NamedImage, StatsRun, count_inputs, depth_bands, expand_uploads,
-                       fitting_batch)
+from ..dataset import (Failure, FinishedRun, JobFiles, NamedImage, PathFiles, StatsRun, count_inputs, depth_bands,
+                       expand_uploads, fitting_batch)
 from ..examples import DEFAULT_TOP_K, Example, selective_channels
 from ..images import SAMPLE_PHOTOS, ImageError, sample_photo
 from ..procedures import PAPER_NOTEBOOK
@@ -76,6 +76,19 @@ class DatasetJob:
         if not self.seen or self.seen >= self.total:
             return None
         return (time.monotonic() - self.started) / self.seen * (self.total - self.seen)
+
+
+@dataclass
+class FinishedJob:
+    """A finished run loaded from its files: shown like a job, nothing recomputed but the examples drawn."""
+    run: FinishedRun
+    img_size: int  # the input size the examples are drawn at
+    files: PathFiles = field(default_factory=PathFiles)
+    finished: bool = True
+    stopped: bool = False
+
+    def csv_text(self) -> str:
+        return self.run.rows_text
 
 
 def _sources(uploads, use_samples: bool) -> List[Tuple[str, bytes]]:
@@ -170,8 +183,8 @@ def _example_picture(job: DatasetJob, settings: Settings, model: str, procedure:
     result = model_result(image, f'dataset:{example.image}', model, job.img_size, settings.device,
                           settings.thresholds, procedure, [layer_label])
     layer, seen = result.capture.layers[0], result.seen_image()
-    geometry = layer_geometry(job.run.models[model].model, layer.name, layer.kind, (layer.height, layer.width),
-                              (seen.height, seen.width), procedure)
+    geometry = layer_geometry(load_model(model, job.img_size, settings.device).model, layer.name, layer.kind,
+                              (layer.height, layer.width), (seen.height, seen.width), procedure)
     box = input_box(geometry, example.row, example.col, (seen.height, seen.width))
     picture = example_picture(seen, layer.fmap[channel].float(), box, EXAMPLE_SIDE)
     return picture, f'{example.image}: {example.value:.4g} at row {example.row}, col {example.col}'
@@ -181,8 +194,10 @@ def _top_examples(job: DatasetJob, settings: Settings, model: str, procedure: st
                   layer_label: str, channel: int) -> None:
     """The channel's top images as a strip: the box of its maximum on the image the model saw, that box
     enlarged, and the channel's map over the image."""
-    weights = job.run.models[model].weights.label
-    kept = job.run.examples.layer(model, weights, procedure, layer_name)
+    if job.run.examples is None:
+        st.info('This run kept no top examples (run `t2t-viz stats` with --top-examples, and load that file too).')
+        return
+    kept = job.run.examples.layer(model, job.run.model_weights[model], procedure, layer_name)
     counts = dict(job.run.counter.layers(model, procedure))[layer_name]
     examples = kept.examples(channel)
     st.markdown(f'**Top {len(examples)} images of {layer_label} channel {channel}** — dead in '
@@ -198,6 +213,7 @@ def _top_examples(job: DatasetJob, settings: Settings, model: str, procedure: st
             picture, caption = _example_picture(job, settings, model, procedure, layer_label, channel, example)
         except (memory.InsufficientMemory, ImageError, KeyError, ValueError, RuntimeError) as e:
             column.error(f'{example.image}: {e}')
+            column.caption(f'{example.value:.4g} at row {example.row}, col {example.col}')
             continue
         pictures.append(picture)
         column.image(picture, caption=caption)
@@ -212,9 +228,10 @@ def _top_examples(job: DatasetJob, settings: Settings, model: str, procedure: st
 
 def _results(job: DatasetJob, settings: Settings) -> None:
     run = job.run
-    st.success(f'{run.images_done} images through {len(run.models)} model(s)'
-               + (' (stopped)' if job.stopped and not job.finished else ''))
-    random = [name for name, loaded in run.models.items() if not loaded.weights.trained]
+    st.success(f'{run.images_done} images through {len(run.model_weights)} model(s)'
+               + (' (stopped)' if job.stopped and not job.finished else '')
+               + (' (loaded from files)' if isinstance(job, FinishedJob) else ''))
+    random = [name for name, label in run.model_weights.items() if label != 'trained']
     if random:
         st.warning(f'**Random weights**: {", ".join(random)} — their statistics are not meaningful. Fetch trained '
                    'weights in the sidebar, then run again.')
@@ -241,6 +258,9 @@ def _results(job: DatasetJob, settings: Settings) -> None:
     choices = sorted({(a.model, a.procedure) for a in run.aggregates.values()})
     model, procedure = st.selectbox('Heatmap of', choices, format_func=lambda c: f'{c[0]} ({c[1]})', key='ds_model')
     figure, layers = _heatmap(job, model, procedure)
+    if not layers:
+        st.info('No per-channel counts for this model: load the run\'s per-channel CSV to see the heatmap.')
+        return
     event = st.plotly_chart(figure, key='ds_heatmap', on_select='rerun', selection_mode='points', config=PLOT_CONFIG)
     points = getattr(getattr(event, 'selection', None), 'points', None) or []
     picks = st.columns(2)
@@ -267,6 +287,19 @@ def page(settings: Settings) -> None:
     procedures = PROCEDURE_CHOICES[controls[2].selectbox('Procedure', list(PROCEDURE_CHOICES), key='ds_procedure')]
     batch_size = controls[3].number_input('Batch size', 1, 64, 8, key='ds_batch')
     top_k = controls[4].number_input('Top images per channel', 1, 32, DEFAULT_TOP_K, key='ds_top_k')
+    with st.expander('Load a finished run (t2t-viz stats, Ray or merged shards) instead of running one'):
+        files = st.columns(3)
+        rows = files[0].file_uploader('Per-image CSV', type='csv', key='ds_load_rows')
+        channels = files[1].file_uploader('Per-channel CSV', type='csv', key='ds_load_channels')
+        top = files[2].file_uploader('Top examples CSV', type='csv', key='ds_load_top')
+        if st.button('Load', key='ds_load', disabled=rows is None):
+            try:
+                finished = FinishedRun(*(upload.getvalue().decode() if upload else '' for upload in (rows, channels,
+                                                                                                      top)))
+            except (ValueError, KeyError, UnicodeDecodeError) as e:
+                st.error(f'These files are not one run\'s statistics: {e}')
+            else:
+                job = st.session_state.dataset_job = FinishedJob(finished, img_size)
     running = job is not None and not job.finished and not job.stopped
     if st.button('Run', type='primary', key='ds_run', disabled=running or not (uploads or use_samples)):
         _start(settings, _sources(uploads, use_samples), img_size, procedures, int(batch_size), int(top_k))
