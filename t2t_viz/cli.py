@@ -210,7 +210,9 @@ def _cmd_stats_on_ray(args: argparse.Namespace, paths: List[str]) -> int:
         rows.write(csv_text([], CSV_COLUMNS).encode())
         try:
             report = functools.partial(bar.write, file=sys.stderr)
+            peaks: Dict[str, int] = {}
             for shard in run_shards(spec, paths, address, args.ray_workers, report=report):
+                peaks[shard.worker] = max(peaks.get(shard.worker, 0), shard.peak_rss)
                 rows.write(shard.rows)
                 partials.append(shard.partial)
                 bar.update(len(shard.partial.inputs))
@@ -226,6 +228,7 @@ def _cmd_stats_on_ray(args: argparse.Namespace, paths: List[str]) -> int:
         Path(args.per_channel).write_text(csv_text(merged.counter.rows(), PER_CHANNEL_COLUMNS))
     if args.top_examples:
         Path(args.top_examples).write_text(csv_text(merged.examples.rows(), TOP_EXAMPLE_COLUMNS))
+    report('peak memory per worker: ' + ', '.join(format_bytes(peak) for peak in peaks.values()))
     weights = ', '.join(f'{name} {label}' for name, label in merged.options['models'].items())
     failed = len(merged.failures)
     sys.stderr.write(f'{merged.images_done} image(s) x {len(spec.models)} model(s) ({weights} weights) on Ray '

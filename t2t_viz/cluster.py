@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import resource
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -48,7 +49,8 @@ class ShardResult:
     index: int
     rows: bytes  # the shard's per-image CSV rows, no header
     partial: Partial
-    node: str
+    worker: str  # node id : process id
+    peak_rss: int  # the worker process's peak resident memory so far, in bytes
 
 
 def shard_blocks(inputs: Sequence[str], count: int) -> List[List[str]]:
@@ -84,10 +86,11 @@ class _Worker:
         self.models = {name: zoo.load(name, checkpoint=spec.checkpoints.get(name), img_size=spec.img_size,
                                       device=spec.device) for name in spec.models}
 
-    def run(self, index: int, inputs: List[str]) -> Tuple[int, bytes, bytes, str]:
+    def run(self, index: int, inputs: List[str]) -> Tuple[int, bytes, bytes, str, int]:
         import ray
         rows, partial = compute_shard(self.models, self.spec, inputs)
-        return index, rows, partial_bytes(partial), ray.get_runtime_context().get_node_id()[:8]
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        return index, rows, partial_bytes(partial), f'{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}', peak
 
 
 def run_shards(spec: RunSpec, inputs: Sequence[str], address: Optional[str], workers: Optional[int] = None,
@@ -115,8 +118,8 @@ def run_shards(spec: RunSpec, inputs: Sequence[str], address: Optional[str], wor
         report(f'ray: {count} worker(s) on {len(ray.nodes())} node(s), '
                + ('one GPU each' if gpus else f'{per_worker["num_cpus"]} CPU(s) each'))
         blocks = shard_blocks(inputs, shards or 4 * count)
-        for index, rows, partial, node in pool.map(lambda worker, job: worker.run.remote(*job),
-                                                   list(enumerate(blocks))):
-            yield ShardResult(index, rows, load_partial(partial), node)
+        for index, rows, partial, worker, peak in pool.map(lambda actor, job: actor.run.remote(*job),
+                                                           list(enumerate(blocks))):
+            yield ShardResult(index, rows, load_partial(partial), worker, peak)
     finally:
         ray.shutdown()

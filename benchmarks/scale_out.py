@@ -1,0 +1,109 @@
+"""ImageNet-scale statistics, scaled out: images/s of one process, of two --shard processes merged, and of
+--ray with two workers, against bare batched forward passes of the same models; peak memory per worker.
+
+    python -m benchmarks.scale_out [--images 2000] [--models resnet50.tv_in1k ...] [--batch-size 8]
+
+The folder comes from :mod:`benchmarks.imagenet_like`. Rates leave out process start and model loading:
+each way's time on the folder minus its time on one image. Two shard processes each get half the cores
+(``OMP_NUM_THREADS``), as two Ray workers do. Goal for one process: within 10% of the bare forwards.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from t2t_viz import zoo
+from t2t_viz.images import preprocess_batch
+
+from .imagenet_like import write_folder
+
+_ENV = {**os.environ, 'T2T_VIZ_OFFLINE': '1'}
+
+
+def _stats(arguments, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, '-m', 't2t_viz', 'stats', *arguments], env=env or _ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _timed(arguments_list, env=None) -> tuple:
+    """Seconds for processes started together to finish, their stderr, and the largest child peak RSS."""
+    start = time.perf_counter()
+    processes = [_stats(arguments, env) for arguments in arguments_list]
+    errors = [process.communicate()[1] for process in processes]
+    elapsed = time.perf_counter() - start
+    return elapsed, errors, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+
+
+def _bare_rate(models, paths, batch_size: int) -> float:
+    """Images/s of the models' plain forward passes over already-preprocessed batches."""
+    images = [Image.open(path).convert('RGB') for path in paths]
+    total = 0.0
+    for name in models:
+        loaded = zoo.load(name, img_size=224, device='cpu', allow_download=False)
+        batches = [preprocess_batch(images[i:i + batch_size], loaded.data_config)
+                   for i in range(0, len(images), batch_size)]
+        with torch.inference_mode():
+            loaded.model(batches[0])
+            start = time.perf_counter()
+            for x in batches:
+                loaded.model(x)
+            total += time.perf_counter() - start
+    return len(images) / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--images', type=int, default=2000)
+    parser.add_argument('--models', nargs='+', default=list(zoo.PRESETS['paper']))
+    parser.add_argument('--batch-size', type=int, default=8)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
+        paths = write_folder(folder / 'images', args.images)
+        one_image = folder / 'one'
+        one_image.mkdir()
+        (one_image / paths[0].name).write_bytes(paths[0].read_bytes())
+        common = ['--img-size', '224', '--batch-size', str(args.batch_size)]
+        for model in args.models:
+            common += ['--model', model]
+        half = {**_ENV, 'OMP_NUM_THREADS': str(max(1, (os.cpu_count() or 2) // 2))}
+        ways = {
+            '1 process': lambda images, out: _timed([[images, '-o', f'{out}.csv', *common]]),
+            '--shard x2, merged': lambda images, out: _merged(images, out, common, half),
+            '--ray, 2 workers': lambda images, out: _timed([[images, '-o', f'{out}.csv', *common, '--ray',
+                                                             '--ray-workers', '2']]),
+        }
+        bare = _bare_rate(args.models, paths[:min(len(paths), 64)], args.batch_size)
+        print(f'{len(paths)} JPEGs, {", ".join(args.models)} at 224, batch {args.batch_size}, '
+              f'{os.cpu_count()} cores')
+        print(f'bare batched forwards: {bare:.3f} images/s')
+        for way, run in ways.items():
+            startup, _, _ = run(str(one_image), str(folder / 'warm'))
+            elapsed, errors, peak = run(str(folder / 'images'), str(folder / 'out'))
+            rate = (len(paths) - 1) / (elapsed - startup)
+            workers = [line for error in errors for line in error.splitlines() if 'peak memory per worker' in line]
+            memory = workers[0].split(': ', 1)[1] if workers else f'{peak / 2**30:.2f} GiB (largest process)'
+            print(f'{way:<22}{rate:>8.3f} images/s = {rate / bare:.2f}x the bare forwards; peak memory per worker '
+                  f'{memory}', flush=True)
+
+
+def _merged(images: str, out: str, common, env) -> tuple:
+    elapsed, errors, peak = _timed([[images, '-o', f'{out}{i}.csv', *common, '--shard', f'{i}/2'] for i in (1, 2)],
+                                   env)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, '-m', 't2t_viz', 'merge', f'{out}1.csv', f'{out}2.csv', '-o', f'{out}.csv'],
+                   check=True, stdout=subprocess.DEVNULL, env=env)
+    return elapsed + time.perf_counter() - start, errors, peak
+
+
+if __name__ == '__main__':
+    main()
