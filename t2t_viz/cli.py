@@ -135,6 +135,19 @@ def _procedures(args: argparse.Namespace) -> List[str]:
     return list(PROCEDURES) if args.procedure == 'both' else [args.procedure]
 
 
+AUTO_BATCH = 0  # --batch-size auto
+MAX_AUTO_BATCH = 64
+
+
+def _batch_size(text: str) -> int:
+    if text == 'auto':
+        return AUTO_BATCH
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError('--batch-size must be at least 1 (or auto)')
+    return value
+
+
 def _parse_shard(text: Optional[str]) -> Tuple[int, int]:
     if text is None:
         return 1, 1
@@ -251,18 +264,22 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
     inputs = shard_inputs(paths, *shard)
     loaded = _load_models(args, _model_names(args))
     batches = {}
+    automatic = args.batch_size == AUTO_BATCH
     for name, model in loaded.items():
         for procedure in _procedures(args):
             _check_procedure(name, model, procedure)
             try:
-                batch = fitting_batch(name, model.img_size, args.batch_size, procedure, args.mlp_hidden,
-                                      device=model.device)
+                batch = fitting_batch(name, model.img_size, MAX_AUTO_BATCH if automatic else args.batch_size,
+                                      procedure, args.mlp_hidden, device=model.device)
             except InsufficientMemory as e:
                 raise UserError(f'{e}; choose a smaller --img-size') from e
             if batch < args.batch_size:
                 sys.stderr.write(f'{name} at {model.img_size}x{model.img_size}: batch {args.batch_size} would not '
                                  f'fit in memory; using batches of {batch}\n')
             batches[name, procedure] = batch
+    if automatic:  # the largest batch every model's pass fits in, of those the estimate traced
+        args.batch_size = min(batches.values())
+        sys.stderr.write(f'--batch-size auto: {args.batch_size}\n')
     show = _show_progress(args)
     options = _run_options(args, loaded)
     csv_file, resumed = _open_rows(args, options, inputs, shard)
@@ -586,7 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument('paths', nargs='+', help='image files or folders (searched recursively)')
     _add_model_options(stats, many=True)
     _add_procedure_option(stats, both=True)
-    stats.add_argument('--batch-size', type=int, default=8, help='images per forward pass (shrunk to fit memory)')
+    stats.add_argument('--batch-size', type=_batch_size, default=8,
+                       help=f'images per forward pass (shrunk to fit memory), or auto: the largest batch up to '
+                            f'{MAX_AUTO_BATCH} that the memory estimate says fits (the GPU\'s free memory on CUDA)')
     stats.add_argument('-o', '--output', required=True, help='CSV file, one row per image x model x layer')
     stats.add_argument('--per-channel', metavar='CSV', help='also write, per model x layer x channel, the '
                        'fraction of images in which the channel is dead')
@@ -684,8 +703,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None, out: Optional[TextIO] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, 'batch_size', 1) < 1:
-        parser.error('--batch-size must be at least 1')
     if getattr(args, 'top_k', 1) < 1:
         parser.error('--top-k must be at least 1')
     if getattr(args, 'save_every', 1) < 1:

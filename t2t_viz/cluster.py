@@ -28,6 +28,7 @@ __all__ = ['RunSpec', 'ShardResult', 'run_shards', 'shard_blocks']
 
 _logger = logging.getLogger(__name__)
 RETRIES = 2  # times a shard is tried again after its worker died
+MAX_AUTO_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class RunSpec:
     mlp_hidden: bool = False
     thresholds: Thresholds = Thresholds()
     top_k: int = 0
-    batch_size: int = 8
+    batch_size: int = 8  # 0: the largest that fits each worker's memory
 
 
 @dataclass
@@ -62,13 +63,15 @@ def shard_blocks(inputs: Sequence[str], count: int) -> List[List[str]]:
 def compute_shard(models: Dict[str, zoo.LoadedModel], spec: RunSpec, inputs: Sequence[str]
                   ) -> Tuple[bytes, Partial]:
     """One shard's rows and partial, in this process (what an actor runs)."""
-    batches = {(name, procedure): fitting_batch(name, loaded.img_size, spec.batch_size, procedure, spec.mlp_hidden,
+    wanted = spec.batch_size or MAX_AUTO_BATCH  # 0: the largest that fits this worker's memory
+    batches = {(name, procedure): fitting_batch(name, loaded.img_size, wanted, procedure, spec.mlp_hidden,
                                                 device=loaded.device)
                for name, loaded in models.items() for procedure in spec.procedures}
+    batch_size = spec.batch_size or min(batches.values())
     rows = io.StringIO()
     run = StatsRun(models, rows, spec.thresholds, spec.procedures, spec.mlp_hidden, top_k=spec.top_k, header=False)
     pin = any(loaded.device.type == 'cuda' for loaded in models.values())
-    for batch in prepared_batches(inputs, transforms_of(models, spec.procedures), spec.batch_size, 0, pin):
+    for batch in prepared_batches(inputs, transforms_of(models, spec.procedures), batch_size, 0, pin):
         run.failures.extend(batch.failures)
         run.add_batch(batch.images, batches, prepared=batch.inputs)
     options = {'models': {name: loaded.weights.label for name, loaded in models.items()}}

@@ -192,3 +192,12 @@ def test_a_local_ray_cluster_with_two_workers_writes_the_files_of_one_process(fo
     err = capsys.readouterr().err
     assert 'ray: 2 worker(s) on 1 node(s)' in err and 'skipped: images/03b.png' in err
     assert '7 image(s) x 2 model(s) (resnet18 trained, t2t_vit_7 trained weights) on Ray -> ray.csv' in err
+
+
+def test_batch_size_auto_takes_the_largest_batch_the_estimate_fits(folder, monkeypatch, capsys):
+    from t2t_viz import dataset
+    monkeypatch.setattr(dataset.memory, 'available_bytes', lambda device=None: 2**40)
+    assert _stats('-o', 'auto.csv', '--batch-size', 'auto') == 1
+    assert '--batch-size auto: 64' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(['stats', 'images', '--model', 'resnet18', '-o', 'x.csv', '--batch-size', '0'])
