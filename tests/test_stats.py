@@ -260,3 +260,41 @@ def test_high_norm_mask_is_strictly_over_the_factor():
     lower = summarize(Layer('x', 'block', 0, fmap), Thresholds(high_norm_factor=3.9))
     assert lower.high_norm_tokens == 1 and lower.high_norm_mask().tolist() == [[False, False], [False, True]]
     assert lower.high_norm_factor == 3.9
+
+
+def test_flat_bar_is_flat_atol_times_max_abs_between_one_and_two():
+    largest = np.array([1.5, 1.5], dtype=np.float32)  # the bar is 0.25 x 1.5 = 0.375, not 0.25 x 2
+    smallest = np.array([1.5 - 0.375, 1.5 - 0.45], dtype=np.float32)
+    stats = ChannelStats(max_abs=torch.from_numpy(largest), mean=torch.zeros(2), minimum=torch.from_numpy(smallest),
+                         maximum=torch.from_numpy(largest))
+    flags = stats.flags(Thresholds(flat_atol=0.25))
+    assert flags['flat'].tolist() == [True, False]
+    dead = ChannelStats(*(torch.zeros(4),) * 4).flags()
+    assert dead['massive'].dtype == bool and dead['massive'].shape == (4,)
+
+
+def test_negative_values_exactly_at_the_bar_are_not_counted_and_prefix_counts_are_integers():
+    fmap = torch.full((2, 3, 4), 0.05)
+    fmap[0, 0, 0] = -100.0  # exactly minus the bar: not over it
+    fmap[1, 1, 1] = 250.0  # over it
+    prefix = torch.tensor([[1.0, -2.0], [0.5, 0.25]])  # under the bar
+    stats = layer_stats(fmap, prefix)
+    assert int(stats.sun_massive) == 1
+    assert stats.prefix.sun_massive.tolist() == [0, 0] and stats.prefix.sun_massive.dtype == torch.long
+    row = summarize(Layer('x', 'block', 0, None, 'x', shape=(2, 3, 4), stats=stats)).row('a', 'm', 'w')
+    assert row['prefix_sun_massive'] == 0 and str(row['prefix_sun_massive']) == '0'
+
+
+def test_row_of_a_layer_with_several_ids_and_of_one_without_values():
+    from t2t_viz.stats import LayerSummary
+    empty = ChannelStats(*(torch.zeros(0),) * 4)
+    summary = LayerSummary('x', 'x', 'relu', 0, 2, 2, 8, dead_ids=[1, 5], flat_ids=[4, 6], massive_ids=[2, 3],
+                           stats=empty, token_norms=torch.zeros(2, 2))
+    row = summary.row('a.png', 'm', 'random')
+    assert (row['dead_ids'], row['flat_ids'], row['massive_ids']) == ('1;5', '4;6', '2;3')
+    assert (row['max_abs'], row['max_abs_channel'], row['max_abs_row'], row['max_abs_col']) == ('0', -1, -1, -1)
+    nothing = LayerSummary('y', 'y', 'relu', 0, 0, 0, 0, [], [], [], empty, torch.zeros(0, 0))
+    row = nothing.row('a.png', 'm', 'random')
+    assert (row['dead_fraction'], row['flat_fraction'], row['massive_fraction'], row['high_norm_fraction']) == \
+        ('0', '0', '0', '0')
+    assert csv_text([row]).splitlines()[0] == ','.join(CSV_COLUMNS)
