@@ -298,3 +298,48 @@ def test_row_of_a_layer_with_several_ids_and_of_one_without_values():
     assert (row['dead_fraction'], row['flat_fraction'], row['massive_fraction'], row['high_norm_fraction']) == \
         ('0', '0', '0', '0')
     assert csv_text([row]).splitlines()[0] == ','.join(CSV_COLUMNS)
+
+
+def _misleading_bounds(strategies):
+    """A replacement for the sample's bracket that misleads the search in turn (then gives the true one)."""
+    from t2t_viz import stats
+    real, calls = stats._narrowing_bounds, []
+
+    def bounds(candidates, rank, round_):
+        calls.append(round_)
+        strategy = strategies[len(calls) - 1] if len(calls) <= len(strategies) else None
+        ordered = candidates.sort().values
+        if strategy == 'above':  # the whole bracket over the answer
+            return int(ordered[-2]), int(ordered[-1])
+        if strategy == 'below':  # the whole bracket under it
+            return int(ordered[0]), int(ordered[min(len(ordered) - 1, rank // 4)])
+        if strategy == 'at':  # a bracket of one value: the answer's own
+            value = int(ordered[rank - 1])
+            return value, value
+        if strategy == 'wide':  # everything
+            return int(ordered[0]), int(ordered[-1])
+        return real(candidates, rank, round_)
+    return bounds, calls
+
+
+@pytest.mark.parametrize('strategies', [['above'], ['below'], ['above', 'below'], ['at'], ['wide'],
+                                        ['below', 'below', 'above']])
+def test_the_median_is_exact_whatever_bracket_the_sample_suggests(monkeypatch, strategies):
+    from t2t_viz import stats
+    generator = torch.Generator().manual_seed(7)
+    signed = torch.randn(4, 120, 150, generator=generator)
+    mostly_zero = signed.clone()
+    mostly_zero[mostly_zero.abs() < 0.9] = 0  # 63% zeros, both signs: a signed map whose median is 0
+    ties = torch.randint(-3, 4, (4, 120, 150), generator=generator).float() * 0.5  # 7 values, long tie runs
+    almost_zero = torch.zeros(4, 120, 150)
+    almost_zero[0, :, :100] = torch.rand(120, 100, generator=generator) - 2  # 8% negative, the rest zero
+    for fmap in (signed, mostly_zero, ties, almost_zero):
+        bounds, calls = _misleading_bounds(strategies)
+        monkeypatch.setattr(stats, '_narrowing_bounds', bounds)
+        expected = _lower_median_abs(fmap.numpy())
+        assert float(layer_stats(fmap).median_abs) == expected, (strategies, fmap.abs().mean())
+        for rank in (1, 5000, 36_000, 71_999, 72_000):
+            bounds, calls = _misleading_bounds(strategies)
+            monkeypatch.setattr(stats, '_narrowing_bounds', bounds)
+            ordered = np.sort(np.abs(fmap.numpy().ravel()))
+            assert float(kth_smallest_abs(fmap, rank)) == ordered[rank - 1], (strategies, rank)
