@@ -318,12 +318,16 @@ def _misleading_bounds(strategies):
             return value, value
         if strategy == 'wide':  # everything
             return int(ordered[0]), int(ordered[-1])
+        if strategy == 'next':  # starts just past the answer: exactly `rank` values below it
+            return int(ordered[min(rank, len(ordered) - 1)]), int(ordered[-1])
+        if strategy == 'previous':  # ends just before the answer: exactly `rank - 1` values up to it
+            return int(ordered[0]), int(ordered[max(0, rank - 2)])
         return real(candidates, rank, round_)
     return bounds, calls
 
 
 @pytest.mark.parametrize('strategies', [['above'], ['below'], ['above', 'below'], ['at'], ['wide'],
-                                        ['below', 'below', 'above']])
+                                        ['below', 'below', 'above'], ['next'], ['previous'], ['next', 'previous']])
 def test_the_median_is_exact_whatever_bracket_the_sample_suggests(monkeypatch, strategies):
     from t2t_viz import stats
     generator = torch.Generator().manual_seed(7)
