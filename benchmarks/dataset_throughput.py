@@ -79,7 +79,8 @@ def main() -> None:
             page.goto(url)
             page.get_by_text('Results for chelsea.png').wait_for(timeout=600_000)  # models loaded
             page.get_by_role('link', name='Dataset statistics').click()
-            page.locator('[data-testid="stMain"] input[type="file"]').set_input_files([str(p) for p in paths])
+            uploader = page.locator('[data-testid="stFileUploader"]', has_text='Images, or .zip files')
+            uploader.locator('input[type="file"]').set_input_files([str(p) for p in paths])
             page.wait_for_timeout(2000)
             start = time.perf_counter()
             page.get_by_role('button', name='Run').click()

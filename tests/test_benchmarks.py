@@ -112,7 +112,8 @@ def test_upload_memory():
 @needs_chromium
 def test_dataset_throughput():
     out = _run_benchmark('dataset_throughput', '--images', '12', '--models', 'resnet18')  # more than start-up noise
-    assert re.search(r'app dataset mode: [\d.]+ images/s = [\d.]+x the CLI', out), out
+    assert re.search(r'with --top-examples [\d.]+ images/s = [+-][\d.]+% time per image', out), out
+    assert re.search(r'app dataset mode \(top examples kept\): [\d.]+ images/s = [\d.]+x the time per image', out), out
 
 
 def test_app_latency():

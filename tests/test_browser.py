@@ -142,7 +142,8 @@ def test_upload_grid_stages_csv_and_dataset_mode(server, server_log, chelsea, tm
             page.screenshot(path=str(SCREENSHOTS / 'ablation.png'), full_page=True)
 
             page.get_by_role('link', name='Dataset statistics').click()
-            page.locator('[data-testid="stMain"] input[type="file"]').set_input_files(
+            images_uploader = page.locator('[data-testid="stFileUploader"]', has_text='Images, or .zip files')
+            images_uploader.locator('input[type="file"]').set_input_files(
                 [str(path) for path in batch] + [str(tmp_path / 'broken.png')])
             page.get_by_role('button', name='Run').click()
             page.get_by_text('3 images through 3 model(s)').wait_for(timeout=180_000)

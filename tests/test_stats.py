@@ -347,3 +347,18 @@ def test_the_median_is_exact_whatever_bracket_the_sample_suggests(monkeypatch, s
             monkeypatch.setattr(stats, '_narrowing_bounds', bounds)
             ordered = np.sort(np.abs(fmap.numpy().ravel()))
             assert float(kth_smallest_abs(fmap, rank)) == ordered[rank - 1], (strategies, rank)
+
+
+def test_csv_lines_end_in_newline_only_and_take_their_columns():
+    from t2t_viz.stats import PER_CHANNEL_COLUMNS
+    row = dict.fromkeys(PER_CHANNEL_COLUMNS, 1)
+    text = csv_text([row, row], PER_CHANNEL_COLUMNS)
+    assert '\r' not in text and text.splitlines()[0] == ','.join(PER_CHANNEL_COLUMNS) and text.count('\n') == 3
+
+
+def test_a_prefix_token_exactly_at_the_high_norm_bar_is_not_high_norm():
+    fmap = torch.ones(1, 2, 2)  # every grid token's norm is 1: the median is 1
+    prefix = torch.tensor([[4.0], [4.5]])  # norms 4 (at the bar 4 x 1) and 4.5 (over it)
+    summary = summarize(Layer('x', 'block', 0, fmap, stats=layer_stats(fmap, prefix)))
+    assert [token.high_norm for token in summary.prefix] == [False, True]
+    assert summarize(Layer('x', 'block', 0, fmap)).prefix == []
