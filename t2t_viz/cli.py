@@ -205,8 +205,7 @@ def _cmd_stats_on_ray(args: argparse.Namespace, paths: List[str]) -> int:
     """The run's shards on Ray workers; the same files as one process."""
     from tqdm import tqdm
 
-    from .examples import TOP_EXAMPLE_COLUMNS
-    from .stats import CSV_COLUMNS, PER_CHANNEL_COLUMNS, csv_text
+    from .stats import CSV_COLUMNS, csv_text
     try:
         from .cluster import RunSpec, run_shards
         import ray  # noqa: F401
@@ -237,10 +236,7 @@ def _cmd_stats_on_ray(args: argparse.Namespace, paths: List[str]) -> int:
         merged = merge_partials(partials)
     except PartialError as e:
         raise UserError(f'workers disagree on the weights of the models: {e}') from e
-    if args.per_channel:
-        Path(args.per_channel).write_text(csv_text(merged.counter.rows(), PER_CHANNEL_COLUMNS))
-    if args.top_examples:
-        Path(args.top_examples).write_text(csv_text(merged.examples.rows(), TOP_EXAMPLE_COLUMNS))
+    _write_merged_files(merged, args.per_channel, args.top_examples)
     report('peak memory per worker: ' + ', '.join(format_bytes(peak) for peak in peaks.values()))
     weights = ', '.join(f'{name} {label}' for name, label in merged.options['models'].items())
     failed = len(merged.failures)
@@ -252,15 +248,12 @@ def _cmd_stats_on_ray(args: argparse.Namespace, paths: List[str]) -> int:
 def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
     from tqdm import tqdm
 
-    if args.ray:
-        paths = [str(path) for path in find_images(args.paths)]
-        if not paths:
-            raise UserError('no image files found in ' + ', '.join(args.paths))
-        return _cmd_stats_on_ray(args, paths)
-    shard = _parse_shard(args.shard)
     paths = [str(path) for path in find_images(args.paths)]
     if not paths:
         raise UserError('no image files found in ' + ', '.join(args.paths))
+    if args.ray:
+        return _cmd_stats_on_ray(args, paths)
+    shard = _parse_shard(args.shard)
     inputs = shard_inputs(paths, *shard)
     loaded = _load_models(args, _model_names(args))
     batches = {}
@@ -328,10 +321,18 @@ def _save(run: StatsRun, csv_file: TextIO, options: dict, inputs: List[str], don
     save_partial(Partial.of(run, options, inputs, done, csv_file.tell(), shard), partial_path(output))
 
 
-def _cmd_merge(args: argparse.Namespace, out: TextIO) -> int:
+def _write_merged_files(merged: Partial, per_channel: Optional[str], top_examples: Optional[str]) -> None:
+    """The per-channel and top-examples files of merged partials (shards, or Ray's), where asked for."""
     from .examples import TOP_EXAMPLE_COLUMNS
     from .stats import PER_CHANNEL_COLUMNS, csv_text
 
+    if per_channel:
+        Path(per_channel).write_text(csv_text(merged.counter.rows(), PER_CHANNEL_COLUMNS))
+    if top_examples:
+        Path(top_examples).write_text(csv_text(merged.examples.rows(), TOP_EXAMPLE_COLUMNS))
+
+
+def _cmd_merge(args: argparse.Namespace, out: TextIO) -> int:
     parts = []
     for given in args.partials:
         rows = given[:-len('.partial')] if given.endswith('.partial') else given
@@ -360,10 +361,7 @@ def _cmd_merge(args: argparse.Namespace, out: TextIO) -> int:
                 if index == 0:
                     target.write(header)
                 target.write(source.read(part.rows_bytes - len(header)))
-    if args.per_channel:
-        Path(args.per_channel).write_text(csv_text(merged.counter.rows(), PER_CHANNEL_COLUMNS))
-    if args.top_examples:
-        Path(args.top_examples).write_text(csv_text(merged.examples.rows(), TOP_EXAMPLE_COLUMNS))
+    _write_merged_files(merged, args.per_channel, args.top_examples)
     out.write(f'{len(parts)} shards, {merged.images_done} image(s) -> {args.output}'
               + (f'; {len(merged.failures)} skipped' if merged.failures else '') + '\n')
     return 0
