@@ -29,7 +29,8 @@ from .stats import CSV_COLUMNS, PER_CHANNEL_COLUMNS, ChannelCounts, DeadChannelC
 from .zoo import LoadedModel
 
 __all__ = ['NamedImage', 'Failure', 'StatsRun', 'LayerAggregate', 'LayerSeries', 'expand_uploads', 'count_inputs',
-           'depth_bands', 'fitting_batch', 'JobFiles', 'FinishedRun', 'PathFiles', 'AGGREGATED_COLUMNS', 'MAX_ZIP_MEMBERS']
+           'depth_bands', 'fitting_batch', 'JobFiles', 'FinishedRun', 'PathFiles', 'add_to_aggregates',
+           'AGGREGATED_COLUMNS', 'MAX_ZIP_MEMBERS']
 
 MAX_ZIP_MEMBERS = 10_000  # a .zip with more members is refused as a possible zip bomb
 
@@ -194,6 +195,14 @@ class LayerAggregate:
             self.high[column] = max(self.high[column], other.high[column])
 
 
+def add_to_aggregates(aggregates: Dict[Tuple[str, str, str], LayerAggregate], row: Dict[str, object]) -> None:
+    """Add one per-image CSV row (as written, or read back) to the aggregate of its model x procedure x layer."""
+    key = (row['model'], row['procedure'], row['layer'])
+    if key not in aggregates:
+        aggregates[key] = LayerAggregate(*key, row['label'], row['kind'], int(row['depth']))
+    aggregates[key].add(row)
+
+
 class StatsRun:
     """Statistics of many images through several models, added one batch at a time.
 
@@ -265,11 +274,7 @@ class StatsRun:
         rows = result.rows(item.name)
         write_csv(rows, out, header=False)
         for row, summary in zip(rows, result.summaries):
-            key = (result.model, result.procedure, summary.name)
-            if key not in self.aggregates:
-                self.aggregates[key] = LayerAggregate(result.model, result.procedure, summary.name, summary.label,
-                                                      summary.kind, summary.depth)
-            self.aggregates[key].add(row)
+            add_to_aggregates(self.aggregates, row)
             self.counter.add(result.model, result.weights.label, summary, result.procedure)
         if self.examples is not None:
             self.examples.add(item.name, result.model, result.weights.label, result.summaries,
@@ -352,11 +357,8 @@ class FinishedRun:
         self.aggregates: Dict[Tuple[str, str, str], LayerAggregate] = {}
         layers: Dict[Tuple[str, str, str], dict] = {}  # (model, procedure, layer) -> its first row
         for row in rows:
-            key = (row['model'], row['procedure'], row['layer'])
-            if key not in self.aggregates:
-                self.aggregates[key] = LayerAggregate(*key, row['label'], row['kind'], int(row['depth']))
-                layers[key] = row
-            self.aggregates[key].add(row)
+            layers.setdefault((row['model'], row['procedure'], row['layer']), row)
+            add_to_aggregates(self.aggregates, row)
         self.images_done = len({row['image'] for row in rows})
         self.model_weights = {row['model']: row['weights'] for row in rows}
         self.counter = DeadChannelCounter()
