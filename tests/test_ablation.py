@@ -19,6 +19,8 @@ from t2t_viz.cli import main
 from t2t_viz.images import preprocess
 from t2t_viz.procedures import PAPER_NOTEBOOK
 
+from planted import resnet18_with_dead_stem_channels
+
 
 @pytest.fixture(scope='module')
 def photo():
@@ -30,12 +32,7 @@ def _loaded(model: torch.nn.Module, name: str) -> zoo.LoadedModel:
 
 
 def _resnet_with_dead_stem_channels(dead=(3, 7)) -> zoo.LoadedModel:
-    torch.manual_seed(0)
-    model = timm.create_model('resnet18').eval()
-    with torch.no_grad():  # the stem ReLU's input is negative in these channels everywhere: exactly zero after it
-        model.bn1.weight[list(dead)] = 0.0
-        model.bn1.bias[list(dead)] = -1.0
-    return _loaded(model, 'resnet18')
+    return _loaded(resnet18_with_dead_stem_channels(dead), 'resnet18')
 
 
 def _state(model: torch.nn.Module) -> dict:

@@ -21,6 +21,8 @@ from t2t_viz.memory import MemoryEstimate
 from t2t_viz.ui.explore import TABS
 from t2t_viz.ui.resources import store
 
+from planted import resnet18_with_dead_stem_channels
+
 SMALL = 'resnet18,vit_tiny_patch16_224,t2t_vit_7'
 APP = str(Path(__file__).resolve().parent.parent / 'app.py')
 
@@ -351,11 +353,7 @@ def test_a_gpu_run_is_held_against_gpu_memory_and_its_resize_against_the_hosts(m
 def _resnet18_with_dead_stem_channels(folder: Path) -> None:
     """A resnet18 weights file whose stem channels 3 and 7 are exactly zero after the ReLU on every image."""
     folder.mkdir(exist_ok=True)
-    model = timm.create_model('resnet18')
-    with torch.no_grad():
-        model.bn1.weight[[3, 7]] = 0.0
-        model.bn1.bias[[3, 7]] = -1.0
-    torch.save(model.state_dict(), folder / 'resnet18.pth')
+    torch.save(resnet18_with_dead_stem_channels().state_dict(), folder / 'resnet18.pth')
 
 
 def test_ablation_tab_dead_channels_change_nothing_and_a_live_one_does(tmp_path):

@@ -10,8 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from skimage import data
+
+from planted import resnet18_with_dead_stem_channels
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = '/usr/bin/chromium'
@@ -23,14 +26,8 @@ playwright_api = pytest.importorskip('playwright.sync_api')
 
 def _resnet18_with_dead_stem_channels(folder: Path) -> None:
     """A resnet18 weights file whose stem channels 3 and 7 are exactly zero after the ReLU on every image."""
-    import timm
-    import torch
     folder.mkdir(exist_ok=True)
-    model = timm.create_model('resnet18')
-    with torch.no_grad():
-        model.bn1.weight[[3, 7]] = 0.0
-        model.bn1.bias[[3, 7]] = -1.0
-    torch.save(model.state_dict(), folder / 'resnet18.pth')
+    torch.save(resnet18_with_dead_stem_channels().state_dict(), folder / 'resnet18.pth')
 
 
 def _free_port() -> int:
