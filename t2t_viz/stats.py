@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .capture import REAL_FORWARD, Layer
+from .kernels import count_over, reduce_map
 
 __all__ = ['Thresholds', 'ChannelStats', 'LayerStats', 'PrefixStats', 'LayerSummary', 'PrefixToken',
            'TopActivation', 'channel_stats', 'layer_stats', 'max_positions', 'kth_smallest_abs', 'summarize',
@@ -229,11 +230,12 @@ def _median_abs(values: torch.Tensor, nonnegative: bool = False) -> torch.Tensor
 
 
 def _top_activations(values: torch.Tensor, max_abs: torch.Tensor, k: int) -> Tuple[torch.Tensor, ...]:
-    """The k largest |x| of (C, N) values: they all lie in the k channels with the largest max |x|."""
+    """The k largest |x| of (C, N) values, largest first; ties go to the lower channel, then the lower
+    position. They all lie in the k channels with the largest max |x| (the lower ones among equal maxima)."""
     k = min(k, values.numel())
-    channels = max_abs.topk(min(k, max_abs.numel())).indices  # (k,)
+    channels = max_abs.sort(descending=True, stable=True).indices[:k].sort().values  # (k,) ascending
     rows = values[channels]  # (k, N)
-    _, flat_index = rows.abs().reshape(-1).topk(k)  # (k,)
+    flat_index = rows.abs().reshape(-1).sort(descending=True, stable=True).indices[:k]  # (k,)
     row, position = flat_index // rows.shape[1], flat_index % rows.shape[1]
     return rows[row, position], channels[row], position
 
@@ -289,14 +291,23 @@ def layer_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None, top_k
     :func:`max_positions`). Tensor operations only, so it also runs shape-only on the meta device. The
     results are small and on the CPU.
     """
-    channels = channel_stats(fmap)
     values = fmap.reshape(fmap.shape[0], -1).float()  # (C, N)
-    token_norms = (values * values).sum(dim=0).sqrt().reshape(fmap.shape[1:])  # (H, W)
-    top_values, top_channels, top_positions = _top_activations(values, channels.max_abs, top_k)
-    nonnegative = not values.is_meta and bool(channels.minimum.min() >= 0)  # a ReLU's output
-    median_abs = _median_abs(values, nonnegative)
-    threshold = torch.clamp(median_abs * SUN_MEDIAN_FACTOR, min=SUN_MIN_MAGNITUDE)
-    sun_massive = _sun_count(_flat(values), threshold, top_values.abs().max())
+    fused = reduce_map(values, top_k)
+    if fused is None:  # another device, or no numba: PyTorch's reductions, one statistic at a time
+        channels = channel_stats(fmap)
+        token_norms = (values * values).sum(dim=0).sqrt().reshape(fmap.shape[1:])  # (H, W)
+        top_values, top_channels, top_positions = _top_activations(values, channels.max_abs, top_k)
+        nonnegative = not values.is_meta and bool(channels.minimum.min() >= 0)  # a ReLU's output
+        median_abs = _median_abs(values, nonnegative)
+        threshold = torch.clamp(median_abs * SUN_MEDIAN_FACTOR, min=SUN_MIN_MAGNITUDE)
+        sun_massive = _sun_count(_flat(values), threshold, top_values.abs().max())
+    else:
+        channels = ChannelStats(fused.max_abs, fused.mean, fused.minimum, fused.maximum)
+        token_norms, median_abs = fused.token_norms.reshape(fmap.shape[1:]), fused.median_abs
+        top_values, top_channels, top_positions = fused.top_values, fused.top_channels, fused.top_positions
+        threshold = torch.clamp(median_abs * SUN_MEDIAN_FACTOR, min=SUN_MIN_MAGNITUDE)
+        over = top_values.numel() and float(top_values[0].abs()) > float(threshold)
+        sun_massive = torch.tensor(count_over(values, float(threshold)) if over else 0)
     prefix_stats = None if prefix is None or not prefix.shape[0] else _prefix_stats(prefix, threshold)
     if prefix_stats is not None:
         prefix_stats = PrefixStats(*map(_host, (prefix_stats.max_abs, prefix_stats.max_abs_channel,

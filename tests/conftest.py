@@ -23,6 +23,16 @@ def empty_cache_dir(tmp_path, monkeypatch):
     return folder
 
 
+@pytest.fixture(params=['fused', 'pytorch'])
+def statistics_backend(request, monkeypatch):
+    """Runs a test with the fused CPU kernels, then with PyTorch's reductions (what CUDA and meta maps get)."""
+    from t2t_viz import kernels
+    if request.param == 'fused' and not kernels.fused_available():
+        pytest.skip('numba is not installed')
+    monkeypatch.setenv('T2T_VIZ_FUSED', '1' if request.param == 'fused' else '0')
+    return request.param
+
+
 @pytest.fixture(scope='session')
 def chelsea():
     from PIL import Image

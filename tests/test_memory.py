@@ -1,11 +1,12 @@
 """Memory estimates from what the code allocates, checked against the same code run for real."""
 import gc
+import tracemalloc
 
 import pytest
 import timm
 import torch
 
-from t2t_viz import capture, memory, zoo
+from t2t_viz import capture, kernels, memory, zoo
 from t2t_viz.memory import InsufficientMemory, LiveBytes
 from t2t_viz.pipeline import memory_estimate
 from t2t_viz.stats import layer_stats
@@ -62,8 +63,10 @@ def test_replayed_meta_operations_allocate_what_running_them_allocates(name, ate
 
 
 @pytest.mark.parametrize('name', ['resnet18', 'vit_tiny_patch16_224', 't2t_vit_7'])
-def test_meta_estimate_equals_the_allocations_of_the_real_run(name):
-    """The shape-only run allocates what the real run allocates (same code, same options)."""
+def test_meta_estimate_equals_the_allocations_of_the_real_run(name, monkeypatch):
+    """The shape-only run allocates what the real run allocates (same code, same options: PyTorch's reductions,
+    which meta maps get; the fused CPU kernels need less, see the next test)."""
+    monkeypatch.setenv('T2T_VIZ_FUSED', '0')
     options = dict(reduce=layer_stats, dtype=torch.float16, max_side=32)
     torch.manual_seed(0)
     model = timm.create_model(name).eval()
@@ -80,6 +83,31 @@ def test_meta_estimate_equals_the_allocations_of_the_real_run(name):
     assert estimate_peak - input_bytes == pytest.approx(real.peak, rel=0.02)
     assert estimate_kept == pytest.approx(kept_real, rel=0.02)
     assert kept_by_result == kept_real  # what is still alive is exactly what the captures hold
+
+
+@pytest.mark.skipif(not kernels.fused_available(), reason='numba is not installed')
+@pytest.mark.parametrize('shape, plant', [((64, 512, 512), 'relu'), ((64, 512, 512), 'ties'),
+                                          ((192, 14, 14), 'signed'), ((1, 1, 3), 'signed')])
+def test_the_fused_kernels_need_no_more_memory_than_the_estimate_counts(shape, plant):
+    """Statistics of one map: what the CPU kernels allocate (NumPy, seen by tracemalloc, and tensors) stays
+    under what the meta trace of PyTorch's reductions counts for them. 'ties': a third of the values share
+    the median's |x|, the most the kernels ever collect."""
+    generator = torch.Generator().manual_seed(0)
+    fmap = torch.randn(shape, generator=generator)
+    fmap = torch.relu(fmap + 0.3) if plant == 'relu' else fmap
+    if plant == 'ties':
+        fmap[fmap.abs() < 0.4] = 0.25
+    with LiveBytes() as counted:
+        layer_stats(torch.empty(shape, device='meta'))
+    with LiveBytes() as tensors:  # its own bookkeeping is Python objects: apart from tracemalloc's count
+        layer_stats(fmap)
+    tracemalloc.start()
+    try:
+        layer_stats(fmap)
+        _, numpy_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert 0 < numpy_peak and tensors.peak + numpy_peak <= counted.peak + 8192  # Python objects
 
 
 def test_estimate_grows_with_size_batch_and_kept_maps():

@@ -13,6 +13,8 @@ from t2t_viz.capture import Layer
 from t2t_viz.stats import (CSV_COLUMNS, PREFIX_COLUMNS, ChannelStats, Thresholds, csv_text, kth_smallest_abs,
                            layer_stats, summarize)
 
+pytestmark = pytest.mark.usefixtures('statistics_backend')  # every test with the fused kernels and with PyTorch
+
 
 def _lower_median_abs(values: np.ndarray) -> float:
     """The ceil(n/2)-th smallest |x|, by NumPy's partition: the definition the README gives."""
@@ -328,8 +330,10 @@ def _misleading_bounds(strategies):
 
 @pytest.mark.parametrize('strategies', [['above'], ['below'], ['above', 'below'], ['at'], ['wide'],
                                         ['below', 'below', 'above'], ['next'], ['previous'], ['next', 'previous']])
-def test_the_median_is_exact_whatever_bracket_the_sample_suggests(monkeypatch, strategies):
+def test_the_median_is_exact_whatever_bracket_the_sample_suggests(monkeypatch, strategies, statistics_backend):
     from t2t_viz import stats
+    if statistics_backend == 'fused':
+        pytest.skip("the sample narrows only PyTorch's search; the fused kernels count every value")
     generator = torch.Generator().manual_seed(7)
     signed = torch.randn(4, 120, 150, generator=generator)
     mostly_zero = signed.clone()

@@ -1,0 +1,179 @@
+"""The fused CPU kernels against plain NumPy on planted maps of the sizes users run (1024 and 2048 inputs)."""
+import numpy as np
+import pytest
+import timm
+import torch
+
+from t2t_viz import capture, kernels, stats
+from t2t_viz.stats import layer_stats
+
+pytestmark = pytest.mark.skipif(not kernels.fused_available(), reason='numba is not installed')
+
+
+def _reference(values: np.ndarray, k: int = 5) -> dict:
+    """Every figure of reduce_map from a (C, N) float32 array, in NumPy, the obvious way."""
+    wide = values.astype(np.float64)
+    magnitudes = np.abs(values).ravel()
+    rank = (magnitudes.size + 1) // 2
+    channel, position = np.divmod(np.arange(values.size), values.shape[1])
+    order = np.lexsort((position, channel, -magnitudes))[:k]  # largest |x|, then lower channel, then position
+    return {
+        'minimum': values.min(axis=1), 'maximum': values.max(axis=1), 'max_abs': np.abs(values).max(axis=1),
+        'mean': (wide.sum(axis=1) / values.shape[1]).astype(np.float32),
+        'token_norms': np.sqrt((wide * wide).sum(axis=0)).astype(np.float32),
+        'median_abs': np.partition(magnitudes, rank - 1)[rank - 1],
+        'top_values': values.ravel()[order], 'top_channels': channel[order], 'top_positions': position[order],
+    }
+
+
+def _check(values: torch.Tensor, k: int = 5) -> kernels.FusedReduction:
+    reduced = kernels.reduce_map(values, k)
+    expected = _reference(values.contiguous().numpy(), k)
+    for name in ('minimum', 'maximum', 'max_abs', 'median_abs', 'top_values', 'top_channels', 'top_positions'):
+        np.testing.assert_array_equal(getattr(reduced, name).numpy(), expected[name], err_msg=name)
+    for name in ('mean', 'token_norms'):  # float64 sums, rounded once: at most one float32 step apart
+        np.testing.assert_allclose(getattr(reduced, name).numpy(), expected[name], rtol=2.5e-7, atol=1e-30,
+                                   err_msg=name)
+    return reduced
+
+
+def test_resnet_conv1_at_1024_with_fewer_than_half_zeros():
+    """64 x 512 x 512 (16.7M values, several threads' parts): the histogram and the selection both run."""
+    generator = torch.Generator().manual_seed(0)
+    fmap = torch.relu(torch.randn(64, 512 * 512, generator=generator) + 0.3)
+    assert (fmap == 0).float().mean() < 0.5
+    _check(fmap)
+
+
+def test_vit_tokens_at_1024_with_a_planted_column():
+    """ViT-L/16 at 1024 (4096 tokens x 1024 channels, token-major memory): token column 0 of the 64 x 64 grid
+    is 5.0, the rest uniform in [0, 0.01); the median is one of the small values."""
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.rand(4096, 1024, generator=generator) * 0.01  # (N, C)
+    tokens.view(64, 64, 1024)[:, 0] = 5.0
+    reduced = _check(tokens.t())
+    assert float(reduced.median_abs) < 0.01
+
+
+def test_a_token_map_cut_from_a_batch_with_prefix_tokens_is_read_in_place():
+    """(B, P + N, C) block output without its prefix tokens, one image of the batch: strided, offset memory."""
+    generator = torch.Generator().manual_seed(2)
+    output = torch.randn(2, 5 + 196, 384, generator=generator)
+    fmap = capture._tokens_to_map((14, 14), 5)(output)[1]  # (C, 14, 14) view
+    values = fmap.reshape(384, -1)
+    assert values.data_ptr() == output[1, 5].data_ptr() and not values.is_contiguous()
+    _check(values)
+
+
+@pytest.mark.parametrize('size', [1, 2, 7, 8, kernels.CHUNK_VALUES * 2, kernels.CHUNK_VALUES * 2 + 1])
+def test_ties_at_the_median_and_both_parities(size):
+    """Half the values share one |x| (ReLU output shifted down): the answer's bin is mostly one value."""
+    generator = torch.Generator().manual_seed(size)
+    flat = torch.relu(torch.randn(size, generator=generator)) - 0.01
+    _check(flat.reshape(1, -1))
+    _check(flat.reshape(-1, 1))
+
+
+@pytest.mark.parametrize('zeros_minus_rank', [-1, 0, 1])
+def test_zeros_settle_the_median_exactly_at_the_boundary(zeros_minus_rank):
+    count = 4097  # odd: the rank is 2049
+    rank = (count + 1) // 2
+    values = torch.arange(1, count + 1, dtype=torch.float32)
+    values[:rank + zeros_minus_rank] = 0.0
+    values[1::7] *= -1  # signed zeros and signed values
+    reduced = _check(values[torch.randperm(count, generator=torch.Generator().manual_seed(3))].reshape(17, 241))
+    assert (float(reduced.median_abs) == 0.0) == (zeros_minus_rank >= 0)
+
+
+def test_a_median_among_subnormal_values_next_to_zeros():
+    """Zeros and subnormals share the lowest bin: the median there is the exact subnormal, not 0."""
+    tiny = np.float32(1e-42)
+    values = np.array([0.0] * 40 + [tiny * i for i in range(1, 61)], np.float32)
+    np.random.default_rng(4).shuffle(values)
+    reduced = _check(torch.from_numpy(values).reshape(4, 25))
+    assert 0 < float(reduced.median_abs) < 1e-38
+
+
+def test_nan_infinities_and_signed_zeros_per_channel():
+    values = torch.tensor([[1.0, float('nan'), -2.0, 0.5],
+                           [-float('nan'), 3.0, -0.0, 0.0],
+                           [float('inf'), -1.0, 2.0, 0.0],
+                           [-0.0, -0.0, -0.0, -0.0],
+                           [-float('inf'), -4.0, -5.0, -1.0]])
+    one, two, three = (int(np.float32(value).view(np.uint32)) for value in (1, 2, 3))
+    edge_nans = np.array([[one, 0x7F800001, two, three], [one, 0xFF800001, two, three]], np.uint32)
+    values = torch.cat([values, torch.from_numpy(edge_nans.view(np.float32))])  # the NaNs next to +-inf
+    reduced = kernels.reduce_map(values, 3)
+    torch.testing.assert_close(reduced.maximum, values.amax(dim=1), equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(reduced.minimum, values.amin(dim=1), equal_nan=True, rtol=0, atol=0)
+    assert torch.isnan(reduced.max_abs[[0, 1, 5, 6]]).all()
+    assert reduced.max_abs[2:5].tolist() == [float('inf'), 0.0, float('inf')]
+
+
+def test_top_activations_break_ties_by_channel_then_position():
+    values = torch.zeros(6, 50)
+    values[4, 7] = values[2, 30] = values[2, 9] = -6.0  # equal |x| in two channels, two positions
+    values[5, 0] = 6.0
+    values[1, 3] = 5.0
+    reduced = _check(values, k=5)
+    assert list(zip(reduced.top_channels.tolist(), reduced.top_positions.tolist())) == \
+        [(2, 9), (2, 30), (4, 7), (5, 0), (1, 3)]
+    fallback = stats._top_activations(values, values.abs().amax(dim=1), 5)  # PyTorch's path: the same rule
+    assert [t.tolist() for t in fallback] == [reduced.top_values.tolist(), reduced.top_channels.tolist(),
+                                              reduced.top_positions.tolist()]
+
+
+def test_the_number_of_threads_never_changes_a_result():
+    generator = torch.Generator().manual_seed(5)
+    maps = [torch.randn(256, 64 * 64, generator=generator) * 3,  # signed, several parts
+            torch.randn(4096, 256, generator=generator).t()]  # tokens
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append([kernels.reduce_map(fmap, 5) for fmap in maps])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for first, second in zip(results[0], other):
+            for name in ('minimum', 'maximum', 'max_abs', 'token_norms', 'median_abs', 'top_values'):
+                assert torch.equal(getattr(first, name), getattr(second, name)), name
+            torch.testing.assert_close(first.mean, second.mean, rtol=2.5e-7, atol=0)
+
+
+def test_count_over_is_strict_and_never_counts_nan():
+    values = torch.tensor([[100.0, -100.0, 100.00001, -250.0, float('nan'), float('inf'), -float('inf'), 3.0]])
+    assert kernels.count_over(values, 100.0) == 4
+    assert kernels.count_over(values.t().contiguous().t(), 100.0) == 4  # token-major memory
+
+
+def test_maps_the_kernels_do_not_take_go_to_pytorch():
+    assert kernels.reduce_map(torch.randn(4, 6, dtype=torch.float16), 5) is None
+    assert kernels.reduce_map(torch.randn(4, 6, device='meta'), 5) is None
+    assert kernels.reduce_map(torch.randn(4, 6, 2)[:, :, 0], 5) is None  # neither channel- nor token-major
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv('T2T_VIZ_FUSED', '0')
+    assert not kernels.fused_available() and kernels.reduce_map(torch.randn(4, 6), 5) is None
+
+
+@pytest.mark.parametrize('name, size', [('resnet18', 160), ('t2t_vit_7', 224)])
+def test_layer_statistics_of_a_real_pass_equal_pytorch_s(name, size, monkeypatch):
+    """Every layer of a real forward pass: the fused path and PyTorch's give the same figures (sums to float32
+    rounding), so CPU and CUDA maps are measured alike."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    x = torch.randn(1, 3, size, size)
+    fused = capture.run(model, x, keep_maps=False, reduce=layer_stats)[0].layers
+    monkeypatch.setenv('T2T_VIZ_FUSED', '0')
+    plain = capture.run(model, x, keep_maps=False, reduce=layer_stats)[0].layers
+    assert len(fused) == len(plain) > 5
+    for mine, theirs in zip(fused, plain):
+        for name in ('max_abs', 'minimum', 'maximum'):
+            assert torch.equal(getattr(mine.stats.channels, name), getattr(theirs.stats.channels, name)), name
+        for name in ('top_values', 'top_channels', 'top_positions', 'median_abs', 'sun_massive'):
+            assert torch.equal(getattr(mine.stats, name), getattr(theirs.stats, name)), (mine.name, name)
+        torch.testing.assert_close(mine.stats.token_norms, theirs.stats.token_norms, rtol=2e-6, atol=0)
+        torch.testing.assert_close(mine.stats.channels.mean, theirs.stats.channels.mean, rtol=1e-5, atol=1e-7)
