@@ -2,7 +2,8 @@
 
     python -m benchmarks.statistics_profile [--model resnet50.tv_in1k] [--size 224] [--repeats 5] [--top 8]
 
-One photo's full float32 maps are captured once; then every part of the statistics runs on every map,
+One photo's full float32 maps are captured once; then every part of the statistics runs on every map (the
+fused CPU kernels' passes, or PyTorch's reductions with T2T_VIZ_FUSED=0),
 ``--repeats`` times, and the medians are printed: per part in total (with the bare forward pass for scale),
 and for the ``--top`` layers that cost the most. Trained weights are used when their files are present.
 """
@@ -13,31 +14,70 @@ import statistics
 import time
 from typing import Callable, Dict, List
 
+import numpy as np
 import torch
 from PIL import Image
 from skimage import data
 
-from t2t_viz import capture, stats, zoo
+from t2t_viz import capture, kernels, stats, zoo
 from t2t_viz.allocator import reuse_freed_memory
 from t2t_viz.images import preprocess_batch
 
 
-def _parts(fmap: torch.Tensor, prefix) -> Dict[str, Callable[[], object]]:
+def _fused_parts(fmap: torch.Tensor) -> Dict[str, Callable[[], object]]:
+    """The fused CPU kernels' passes (t2t_viz.kernels), each on its own."""
+    values = fmap.reshape(fmap.shape[0], -1)  # (C, N)
+    token_major = kernels._layout(values) == 'token_major'
+    array = (values.t() if token_major else values).numpy()
+    bits = array.view(np.int32)
+    channels, tokens = values.shape
+    parts = kernels._parts(tokens, channels)
+    key_max, key_min = (np.empty((len(parts), channels), np.int32) for _ in range(2))
+    sums, squares = np.empty((len(parts), channels)), np.empty(tokens)
+    chunk = kernels._token_major if token_major else kernels._channel_major
+    reduced = kernels.reduce_map(values, stats.TOP_K)
+    figures = np.empty((3, channels), np.int32)
+    top = np.empty(stats.TOP_K, np.float32), np.empty(stats.TOP_K, np.int64), np.empty(stats.TOP_K, np.int64)
+    np.copyto(figures[2], reduced.max_abs.numpy().view(np.int32))
+    threshold = float(torch.clamp(reduced.median_abs * stats.SUN_MEDIAN_FACTOR, min=stats.SUN_MIN_MAGNITUDE))
+    def one_pass() -> int:
+        return sum(kernels._run([lambda i=i, part=part: chunk(array, bits, *part, key_max[i], key_min[i], sums[i],
+                                                              squares)
+                                 for i, part in enumerate(parts)]))
+
+    zeros = one_pass()  # the median's passes run only when zeros are not half of the map
+    return {
+        'one pass: channels, norms, zeros': one_pass,
+        'median |x|: histogram, selection': lambda: kernels._median_bits(bits.reshape(-1), zeros),
+        'top activations': lambda: kernels._top_magnitudes(array, bits, token_major, figures[2], *top),
+        'Sun count': lambda: kernels.count_over(values, threshold),
+    }
+
+
+def _pytorch_parts(fmap: torch.Tensor, prefix) -> Dict[str, Callable[[], object]]:
+    """PyTorch's reductions (CUDA maps, or no numba), each on its own."""
     values = fmap.reshape(fmap.shape[0], -1)  # (C, N)
     flat = stats._flat(values)  # as layer_stats sees the map's memory
     channel = stats.channel_stats(fmap)
     nonnegative = bool(channel.minimum.min() >= 0)
     median = stats._median_abs(values, nonnegative)
     threshold = torch.clamp(median * stats.SUN_MEDIAN_FACTOR, min=stats.SUN_MIN_MAGNITUDE)
-    parts = {
+    return {
         'channel min/max/mean': lambda: stats.channel_stats(fmap),
         'token norms': lambda: (values * values).sum(dim=0).sqrt(),
         'top activations': lambda: stats._top_activations(values, channel.max_abs, stats.TOP_K),
         'median |x|': lambda: stats._median_abs(values, nonnegative),
         'Sun count': lambda: stats._sun_count(flat, threshold, channel.max_abs.max()),
-        'whole layer_stats': lambda: stats.layer_stats(fmap, prefix),
     }
+
+
+def _parts(fmap: torch.Tensor, prefix) -> Dict[str, Callable[[], object]]:
+    values = fmap.reshape(fmap.shape[0], -1)
+    fused = kernels.reduce_map(values, stats.TOP_K) is not None
+    parts = _fused_parts(fmap) if fused else _pytorch_parts(fmap, prefix)
+    parts['whole layer_stats'] = lambda: stats.layer_stats(fmap, prefix)
     if prefix is not None:
+        threshold = torch.tensor(stats.SUN_MIN_MAGNITUDE)
         parts['prefix tokens'] = lambda: stats._prefix_stats(prefix, threshold)
     return parts
 
@@ -88,9 +128,9 @@ def main() -> None:
     forward_s = statistics.median(forward)
     print(f'{args.model} at {args.size} ({loaded.weights.label} weights), {len(kept)} maps reduced '
           f'({sum(f.numel() for f, _ in kept) / 1e6:.1f} M values), forward {forward_s * 1e3:.1f} ms')
-    print(f"{'part':<24}{'ms':>9}{'of forward':>12}")
+    print(f"{'part':<36}{'ms':>9}{'of forward':>12}")
     for part, seconds in totals.items():
-        print(f'{part:<24}{seconds * 1e3:>9.2f}{seconds / forward_s:>11.1%}')
+        print(f'{part:<36}{seconds * 1e3:>9.2f}{seconds / forward_s:>11.1%}')
     print('costliest layers (whole layer_stats):')
     for seconds, name, shape in sorted(per_layer, reverse=True)[:args.top]:
         print(f'  {name:<28}{str(shape):<20}{seconds * 1e3:>8.2f} ms')

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ['FusedReduction', 'fused_available', 'reduce_map', 'count_over', 'CHUNK_VALUES']
 
-CHUNK_VALUES = 1 << 18  # values a thread takes at least (1 MB of float32): smaller maps run on one thread
+CHUNK_VALUES = 1 << 17  # values a thread takes at least (1 MB of float32): smaller maps run on one thread
 _FINEST_SHIFT = 17  # the median's histogram bins |x| by its bits >> 17 at most: 8 exponent, 6 mantissa bits
 _COARSEST_SHIFT = 25  # and >> 25 at least (64 bins), so that its counters never outweigh a small map
 _SUBHISTOGRAMS = 4  # independent counters for neighbouring values, so increments do not wait on each other
@@ -209,12 +209,20 @@ def _collect(flat_bits, first, last, shift, high, chosen):
 @_jit
 def _top_magnitudes(array, bits, token_major, max_abs_bits, values, channels, positions):
     """The k = len(values) largest |x| of the map with their channel and position, largest first; ties go to
-    the lower channel, then the lower position. They all lie in the k channels of largest max |x|."""
+    the lower channel, then the lower position. They all lie in the k channels of largest max |x| (the
+    lower ones among equal maxima), which are read in channel order."""
     k = values.shape[0]
-    candidates = np.sort(np.argsort(-max_abs_bits.astype(np.int64), kind='mergesort')[:k])
+    candidates = np.zeros(max_abs_bits.shape[0], np.bool_)
+    for _ in range(k):  # k selections over C channels: cheaper than sorting them
+        best = -1
+        for channel in range(max_abs_bits.shape[0]):
+            if not candidates[channel] and (best < 0 or max_abs_bits[channel] > max_abs_bits[best]):
+                best = channel
+        if best >= 0:
+            candidates[best] = True
     kept_bits = np.full(k, -1, np.int64)  # magnitude bits of the kept values, largest first
     tokens = array.shape[0] if token_major else array.shape[1]
-    for channel in candidates:
+    for channel in np.flatnonzero(candidates):
         for position in range(tokens):
             b = bits[position, channel] if token_major else bits[channel, position]
             magnitude = np.int64(b & _MAGNITUDE)
@@ -228,6 +236,17 @@ def _top_magnitudes(array, bits, token_major, max_abs_bits, values, channels, po
             kept_bits[slot] = magnitude
             values[slot] = array[position, channel] if token_major else array[channel, position]
             channels[slot], positions[slot] = channel, position
+
+
+@_jit
+def _median_in_one_part(flat_bits, rank, shift, counts):
+    """The rank-th smallest |x| bits of a map that one thread reads: histogram, bin, selection in one call."""
+    _histogram(flat_bits, 0, flat_bits.shape[0], shift, counts[0])
+    offsets = np.empty(2, np.int64)
+    high, before = _find_bin(counts, rank, offsets)
+    chosen = np.empty(offsets[1], np.int32)
+    _collect(flat_bits, 0, flat_bits.shape[0], shift, high, chosen)
+    return np.partition(chosen, rank - before - 1)[rank - before - 1]
 
 
 @_jit
@@ -325,6 +344,8 @@ def _median_bits(flat_bits: np.ndarray, zeros: int) -> int:
     shift = _bin_shift(flat_bits.size)
     parts = _parts(flat_bits.size)
     counts = np.empty((len(parts), _SUBHISTOGRAMS, 1 << (31 - shift)), np.int32)
+    if len(parts) == 1:
+        return int(_median_in_one_part(flat_bits, rank, shift, counts))
     _run([lambda i=i, part=part: _histogram(flat_bits, *part, shift, counts[i]) for i, part in enumerate(parts)])
     offsets = np.empty(len(parts) + 1, np.int64)
     high, before = _find_bin(counts, rank, offsets)

@@ -235,7 +235,13 @@ def _top_activations(values: torch.Tensor, max_abs: torch.Tensor, k: int) -> Tup
     k = min(k, values.numel())
     channels = max_abs.sort(descending=True, stable=True).indices[:k].sort().values  # (k,) ascending
     rows = values[channels]  # (k, N)
-    flat_index = rows.abs().reshape(-1).sort(descending=True, stable=True).indices[:k]  # (k,)
+    magnitudes = rows.abs().reshape(-1)  # (k * N,) in (channel, position) order
+    largest = magnitudes.topk(k)
+    if values.is_meta:  # shape-only: the candidates' number is not known
+        flat_index = largest.indices
+    else:  # every value tied with the k-th largest |x| is a candidate; NaN ranks as the largest
+        candidates = ((magnitudes >= largest.values[-1]) | magnitudes.isnan()).nonzero().flatten()
+        flat_index = candidates[magnitudes[candidates].sort(descending=True, stable=True).indices[:k]]  # (k,)
     row, position = flat_index // rows.shape[1], flat_index % rows.shape[1]
     return rows[row, position], channels[row], position
 
@@ -305,9 +311,10 @@ def layer_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None, top_k
         channels = ChannelStats(fused.max_abs, fused.mean, fused.minimum, fused.maximum)
         token_norms, median_abs = fused.token_norms.reshape(fmap.shape[1:]), fused.median_abs
         top_values, top_channels, top_positions = fused.top_values, fused.top_channels, fused.top_positions
-        threshold = torch.clamp(median_abs * SUN_MEDIAN_FACTOR, min=SUN_MIN_MAGNITUDE)
-        over = top_values.numel() and float(top_values[0].abs()) > float(threshold)
-        sun_massive = torch.tensor(count_over(values, float(threshold)) if over else 0)
+        bar = max(np.float32(SUN_MIN_MAGNITUDE), np.float32(median_abs) * np.float32(SUN_MEDIAN_FACTOR))  # float32
+        threshold = torch.tensor(bar)
+        over = bool(top_values.numel()) and abs(float(top_values[0])) > bar
+        sun_massive = torch.tensor(count_over(values, float(bar)) if over else 0)
     prefix_stats = None if prefix is None or not prefix.shape[0] else _prefix_stats(prefix, threshold)
     if prefix_stats is not None:
         prefix_stats = PrefixStats(*map(_host, (prefix_stats.max_abs, prefix_stats.max_abs_channel,
