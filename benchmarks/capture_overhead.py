@@ -16,7 +16,9 @@ slower or faster affects all alike), medians of the rounds:
 
 Goals: ``capture`` <= 1.15x, ``app`` and ``cli`` <= 1.25x the forward at 224 and at 1024. TorchLens'
 ``log_forward_pass`` (every operation kept) is a reference row when it is installed (it is not a dependency).
-Weights do not change the forward's time, but the median's search depends on the values: trained weights
+``THP_MEM_ALLOC_ENABLE=1`` in the environment gives PyTorch 2 MB pages, as the app asks for (README, Memory);
+``T2T_VIZ_FUSED=0`` measures PyTorch's reductions instead of the fused CPU kernels. Weights do not change the
+forward's time, but the median's search depends on the values: trained weights
 are used when their files are present (the rows say which), else each model's random initialisation.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from t2t_viz import capture, zoo
+from t2t_viz import capture, kernels, zoo
 from t2t_viz.allocator import reuse_freed_memory
 from t2t_viz.images import preprocess_batch
 from t2t_viz.pipeline import DISPLAY_DTYPE, DISPLAY_SIDE, inspect_images
@@ -62,7 +64,9 @@ def main() -> None:
     args = parser.parse_args()
     allocator = "glibc defaults" if args.glibc_defaults or not reuse_freed_memory() else "freed memory reused"
     photo = Image.fromarray(data.chelsea())
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}, {allocator}')
+    pages = '2 MB pages' if os.environ.get('THP_MEM_ALLOC_ENABLE') == '1' else '4 KB pages'
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}, {allocator}, '
+          f'{pages}, statistics by {"fused CPU kernels" if kernels.fused_available() else "PyTorch"}')
     print(f"{'model':<44}{'size':>6}{'weights':>9}{'forward ms':>12}{'capture':>9}{'app':>8}{'cli':>8}"
           f"{'torchlens':>11}{'layers':>8}")
     for name in args.models:

@@ -60,7 +60,7 @@ class ChannelExamples:
         """One image's (C,) channel maxima and (C,) positions (-1 only where the maximum is below the floor)."""
         self.maximum_sum += maxima
         self.image_count += 1
-        self._insert(np.full(self.channels, image, dtype=object), maxima.astype(np.float32), positions)
+        self._insert(image, maxima.astype(np.float32), positions)
 
     def merge(self, other: 'ChannelExamples') -> None:
         """Add another tracker's lists and sums of the same layer (other images): as if one had seen both."""
@@ -72,17 +72,23 @@ class ChannelExamples:
         for rank in range(other.k):
             self._insert(other.images[:, rank], other.values[:, rank], other.positions[:, rank])
 
-    def _insert(self, images: np.ndarray, values: np.ndarray, positions: np.ndarray) -> None:
-        """Insert one candidate per channel: (C,) names, values and positions."""
-        last_value, last_image = self.values[:, -1], self.images[:, -1]
+    def _insert(self, images, values: np.ndarray, positions: np.ndarray) -> None:
+        """Insert one candidate per channel: one image's name for all, or (C,) names; (C,) values and positions.
+
+        Names are compared only where a value ties with a list's last (string comparisons of every channel
+        cost more than the rest of an image's bookkeeping)."""
+        last_value = self.values[:, -1]
         finite = np.isfinite(values)
-        enters = finite & ((values > last_value) | ((values == last_value) & (images < last_image)))
+        enters = finite & (values > last_value)  # (C,)
+        tied = np.flatnonzero(finite & (values == last_value))
+        if tied.size:
+            enters[tied] = _names(images, tied) < self.images[tied, -1]
         rows = np.flatnonzero(enters)  # (m,)
         if not rows.size:
             return
         if (positions[rows] < 0).any():
             raise ValueError(f'{self.label}: an entering maximum was not located (its floor was too high)')
-        value, image = values[rows][:, None], images[rows][:, None]  # (m, 1)
+        value, image = values[rows][:, None], _names(images, rows)[:, None]  # (m, 1)
         kept_values, kept_images = self.values[rows], self.images[rows]  # (m, k)
         ahead = (kept_values > value) | ((kept_values == value) & (kept_images < image))  # (m, k) a prefix
         slot = ahead.sum(axis=1)[:, None]  # (m, 1) where the candidate goes
@@ -109,6 +115,15 @@ class ChannelExamples:
     def mean_maximum(self) -> np.ndarray:
         """(C,) each channel's maximum averaged over the images seen."""
         return self.maximum_sum / max(1, self.image_count)
+
+
+def _names(images, rows: np.ndarray) -> np.ndarray:
+    """(m,) object array of the names of ``rows``: from (C,) names, or one name repeated."""
+    if isinstance(images, np.ndarray):
+        return images[rows]
+    names = np.empty(rows.size, dtype=object)
+    names[:] = images
+    return names
 
 
 class TopExamples:

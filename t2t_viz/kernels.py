@@ -30,7 +30,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ['FusedReduction', 'fused_available', 'reduce_map', 'count_over', 'CHUNK_VALUES']
+__all__ = ['FusedReduction', 'fused_available', 'reduce_map', 'count_over', 'first_max_positions', 'CHUNK_VALUES']
 
 CHUNK_VALUES = 1 << 17  # values a thread takes at least (1 MB of float32): smaller maps run on one thread
 _FINEST_SHIFT = 17  # the median's histogram bins |x| by its bits >> 17 at most: 8 exponent, 6 mantissa bits
@@ -250,6 +250,36 @@ def _median_in_one_part(flat_bits, rank, shift, counts):
 
 
 @_jit
+def _first_maxima(array, token_major, maximum, floor, positions):
+    """positions (C,): where each channel's maximum first is, for the channels whose maximum reaches its
+    floor (NaN never does); -1 for the others. Only those channels are read."""
+    channels = maximum.shape[0]
+    wanted = 0
+    for c in range(channels):
+        positions[c] = -1
+        if maximum[c] >= floor[c]:
+            positions[c] = -2  # to be found
+            wanted += 1
+    if token_major:  # one pass over the tokens finds every wanted channel's first maximum
+        for n in range(array.shape[0]):
+            if wanted == 0:
+                break
+            token = array[n]
+            for c in range(channels):
+                if positions[c] == -2 and token[c] == maximum[c]:
+                    positions[c] = n
+                    wanted -= 1
+    else:
+        for c in range(channels):
+            if positions[c] == -2:
+                row = array[c]
+                for n in range(row.shape[0]):
+                    if row[n] == maximum[c]:
+                        positions[c] = n
+                        break
+
+
+@_jit
 def _count_over(flat_bits, threshold_bits):
     """How many |x| are over the (non-negative) float whose bits are ``threshold_bits``; NaN never is."""
     count = 0
@@ -361,6 +391,19 @@ def _bin_shift(size: int) -> int:
     x 4 sub-histograms each) under ``size`` bytes, between 64 and 16,384 bins."""
     bins = 1 << max(0, (size // (4 * _SUBHISTOGRAMS)).bit_length() - 1)
     return min(_COARSEST_SHIFT, max(_FINEST_SHIFT, 31 - (bins.bit_length() - 1)))
+
+
+def first_max_positions(values: torch.Tensor, maximum: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """(C,) int64: where each channel's ``maximum`` (C,) first occurs in a float32 CPU map that
+    :func:`reduce_map` took, for the channels whose maximum reaches ``floor`` (C,) or (); -1 elsewhere."""
+    token_major = _layout(values) == 'token_major'
+    array = values.t().numpy() if token_major else values.numpy()
+    floors = floor.numpy().astype(np.float32)
+    if floors.shape != maximum.shape:
+        floors = np.full(maximum.shape, floors, np.float32)
+    positions = np.empty(maximum.shape, np.int64)
+    _first_maxima(array, token_major, maximum.numpy(), floors, positions)
+    return torch.from_numpy(positions)
 
 
 def count_over(values: torch.Tensor, threshold: float) -> int:

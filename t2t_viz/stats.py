@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .capture import REAL_FORWARD, Layer
-from .kernels import count_over, reduce_map
+from .kernels import count_over, first_max_positions, reduce_map
 
 __all__ = ['Thresholds', 'ChannelStats', 'LayerStats', 'PrefixStats', 'LayerSummary', 'PrefixToken',
            'TopActivation', 'channel_stats', 'layer_stats', 'max_positions', 'kth_smallest_abs', 'summarize',
@@ -320,7 +320,9 @@ def layer_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None, top_k
         prefix_stats = PrefixStats(*map(_host, (prefix_stats.max_abs, prefix_stats.max_abs_channel,
                                                prefix_stats.norms, prefix_stats.sun_massive)))
     positions = None
-    if position_floor is not None:
+    if position_floor is not None and fused is not None:
+        positions = first_max_positions(values, channels.maximum, position_floor)
+    elif position_floor is not None:
         positions = _host(max_positions(values, channels.maximum, position_floor))
     return LayerStats(ChannelStats(*map(_host, (channels.max_abs, channels.mean, channels.minimum,
                                                 channels.maximum))),

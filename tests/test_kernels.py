@@ -177,3 +177,28 @@ def test_layer_statistics_of_a_real_pass_equal_pytorch_s(name, size, monkeypatch
             assert torch.equal(getattr(mine.stats, name), getattr(theirs.stats, name)), (mine.name, name)
         torch.testing.assert_close(mine.stats.token_norms, theirs.stats.token_norms, rtol=2e-6, atol=0)
         torch.testing.assert_close(mine.stats.channels.mean, theirs.stats.channels.mean, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('token_major', [False, True])
+def test_first_max_positions_of_the_channels_that_reach_their_floor(token_major):
+    """The first position of each qualifying channel's maximum, as argmax gives it (a repeated maximum,
+    -0.0 beside 0.0, NaN that never qualifies); -1 for the others; the floor per channel or one for all."""
+    generator = torch.Generator().manual_seed(6)
+    values = torch.randn(300, 4096, generator=generator)  # (C, N) at 1024's 64 x 64 ViT grid
+    values[7, [900, 30, 2000]] = 50.0  # repeated: the first, 30, counts
+    values[8] = 0.0
+    values[8, 100] = -0.0
+    values[9, 17] = float('nan')
+    if token_major:
+        values = values.t().contiguous().t()
+    maximum = values.amax(dim=1)
+    floor = torch.full((300,), 3.5)  # about the median maximum of 4096 normal values
+    floor[[7, 8, 9]] = -float('inf')
+    located = kernels.first_max_positions(values, maximum, floor)
+    wanted = maximum >= floor
+    assert torch.equal(located[wanted], values.argmax(dim=1)[wanted])
+    assert (located[~wanted] == -1).all() and located[7] == 30 and located[8] == 0 and located[9] == -1
+    assert 20 < int(wanted.sum()) < 280  # both kinds of channel are there
+    everywhere = kernels.first_max_positions(values, maximum, torch.tensor(-float('inf')))
+    finite = ~torch.isnan(maximum)
+    assert torch.equal(everywhere[finite], values.argmax(dim=1)[finite])
