@@ -323,13 +323,12 @@ def _save(run: StatsRun, csv_file: TextIO, options: dict, inputs: List[str], don
 
 def _write_merged_files(merged: Partial, per_channel: Optional[str], top_examples: Optional[str]) -> None:
     """The per-channel and top-examples files of merged partials (shards, or Ray's), where asked for."""
-    from .examples import TOP_EXAMPLE_COLUMNS
     from .stats import PER_CHANNEL_COLUMNS, csv_text
 
     if per_channel:
         Path(per_channel).write_text(csv_text(merged.counter.rows(), PER_CHANNEL_COLUMNS))
     if top_examples:
-        Path(top_examples).write_text(csv_text(merged.examples.rows(), TOP_EXAMPLE_COLUMNS))
+        Path(top_examples).write_text(merged.examples.csv_text())
 
 
 def _cmd_merge(args: argparse.Namespace, out: TextIO) -> int:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from .capture import REAL_FORWARD
-from .examples import TOP_EXAMPLE_COLUMNS, ChannelExamples, TopExamples
+from .examples import ChannelExamples, TopExamples
 from .images import IMAGE_EXTENSIONS, ImageError, load_image, preprocess_bytes
 from . import memory
 from .pipeline import ModelResult, input_transform, inspect_images, memory_estimate
@@ -290,7 +290,7 @@ class StatsRun:
 
     def top_examples_csv(self) -> str:
         """Per model x procedure x layer x channel, its top images (TOP_EXAMPLE_COLUMNS); '' when not kept."""
-        return csv_text(self.examples.rows(), TOP_EXAMPLE_COLUMNS) if self.examples else ''
+        return self.examples.csv_text() if self.examples else ''
 
 
 def fitting_batch(name: str, img_size: int, wanted: int, procedure: str = REAL_FORWARD, mlp_hidden: bool = False,

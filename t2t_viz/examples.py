@@ -7,8 +7,11 @@ two trackers equals one tracker fed both streams (a stream, a resumed run and sh
 """
 from __future__ import annotations
 
+import csv
+import io
 import math
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -185,12 +188,26 @@ class TopExamples:
 
     def rows(self) -> Iterator[Dict[str, object]]:
         """One row per kept example, with the columns of TOP_EXAMPLE_COLUMNS; layers in the order first seen."""
+        for row in self._row_tuples():
+            yield dict(zip(TOP_EXAMPLE_COLUMNS, row))
+
+    def csv_text(self) -> str:
+        """The rows as CSV text with a header: what ``t2t-viz stats --top-examples`` and the app write."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator='\n')
+        writer.writerow(TOP_EXAMPLE_COLUMNS)
+        writer.writerows(self._row_tuples())
+        return buffer.getvalue()
+
+    def _row_tuples(self) -> Iterator[tuple]:
+        """The rows' values in column order, a layer's at a time (a list's kept examples are a prefix of it)."""
         for (model, weights, procedure, name), layer in self._layers.items():
-            for channel in range(layer.channels):
-                for rank, example in enumerate(layer.examples(channel), start=1):
-                    yield {'model': model, 'weights': weights, 'procedure': procedure, 'layer': name,
-                           'channel': channel, 'rank': rank, 'image': example.image,
-                           'value': f'{example.value:.6g}', 'row': example.row, 'col': example.col}
+            channels, ranks = np.nonzero(layer.positions >= 0)  # (m,), (m,) channel by channel, best first
+            rows, cols = np.divmod(layer.positions[channels, ranks], layer.width)
+            values = [f'{value:.6g}' for value in layer.values[channels, ranks].tolist()]
+            yield from zip(repeat(model), repeat(weights), repeat(procedure), repeat(name), channels.tolist(),
+                           (ranks + 1).tolist(), layer.images[channels, ranks].tolist(), values, rows.tolist(),
+                           cols.tolist())
 
 
 def selective_channels(layer: ChannelExamples, limit: int = 10) -> List[Dict[str, object]]:

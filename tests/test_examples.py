@@ -16,9 +16,9 @@ from t2t_viz import zoo
 from t2t_viz.capture import run as capture_run
 from t2t_viz.cli import main
 from t2t_viz.dataset import NamedImage, StatsRun
-from t2t_viz.examples import TOP_EXAMPLE_COLUMNS, ChannelExamples, selective_channels
+from t2t_viz.examples import TOP_EXAMPLE_COLUMNS, ChannelExamples, TopExamples, selective_channels
 from t2t_viz.images import preprocess_batch
-from t2t_viz.stats import max_positions
+from t2t_viz.stats import csv_text, max_positions
 
 PHOTOS = ('chelsea', 'coffee', 'astronaut', 'rocket', 'camera', 'hubble_deep_field')
 
@@ -203,3 +203,17 @@ def test_cli_top_examples_equal_the_apps_byte_for_byte(tmp_path, monkeypatch):
     rows = text.splitlines()
     assert len(rows) == 1 + 2 * channels  # every channel of every layer keeps 2 of the 5 images
     assert rows[1].startswith('resnet18,trained,real_forward,act1,0,1,x0')
+
+
+def test_the_csv_text_is_the_rows_written_by_the_csv_module_even_for_awkward_names():
+    examples = TopExamples(k=2)
+    layer = ChannelExamples('block 1', 'block', 0, channels=3, height=2, width=5, k=2)
+    seen = (('a,b.png', [1.0, 2.0, -1.0]), ('say "hi".png', [3.0, 0.5, 7.25]), ('z.png', [0.1, 2.0, 7.25]))
+    for image, maxima in seen:
+        layer.add(image, np.array(maxima, np.float32), np.array([3, 9, 4]))
+    examples.put(('m', 'random', 'real_forward', 'blocks.0'), layer)
+    text = examples.csv_text()
+    assert text == csv_text(examples.rows(), TOP_EXAMPLE_COLUMNS)
+    assert text.splitlines()[1:4] == ['m,random,real_forward,blocks.0,0,1,"say ""hi"".png",3,0,3',
+                                      'm,random,real_forward,blocks.0,0,2,"a,b.png",1,0,3',
+                                      'm,random,real_forward,blocks.0,1,1,"a,b.png",2,1,4']
