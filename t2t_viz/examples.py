@@ -93,14 +93,16 @@ class ChannelExamples:
             raise ValueError(f'{self.label}: an entering maximum was not located (its floor was too high)')
         value, image = values[rows][:, None], _names(images, rows)[:, None]  # (m, 1)
         kept_values, kept_images = self.values[rows], self.images[rows]  # (m, k)
-        ahead = (kept_values > value) | ((kept_values == value) & (kept_images < image))  # (m, k) a prefix
+        ahead = kept_values > value  # (m, k) a prefix: the kept examples ranked before the candidate
+        ties = np.nonzero(kept_values == value)
+        if ties[0].size:
+            ahead[ties] = kept_images[ties] < image[ties[0], 0]
         slot = ahead.sum(axis=1)[:, None]  # (m, 1) where the candidate goes
         index = np.arange(self.k)[None, :]  # (1, k)
-        shifted = np.maximum(index - 1, 0)
+        source = np.where(index < slot, index, np.where(index == slot, self.k, index - 1))  # (m, k) in [kept, new]
 
         def placed(kept: np.ndarray, new: np.ndarray) -> np.ndarray:
-            moved = np.take_along_axis(kept, np.broadcast_to(shifted, kept.shape), axis=1)
-            return np.where(index < slot, kept, np.where(index == slot, new, moved))
+            return np.take_along_axis(np.concatenate([kept, new], axis=1), source, axis=1)
 
         self.values[rows] = placed(kept_values, value)
         self.images[rows] = placed(kept_images, image)
