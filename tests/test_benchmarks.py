@@ -52,10 +52,14 @@ def test_capture_overhead_and_stats_throughput():
     assert re.search(r'stats CLI: 1 images x 1 models in [\d.]+s', out), out
 
 
-def test_statistics_profile():
+@pytest.mark.parametrize('fused, parts', [
+    ('1', ('one pass: channels, norms, zeros', r'median \|x\|: histogram, selection', 'top activations')),
+    ('0', ('channel min/max/mean', 'token norms', r'median \|x\|', 'top activations'))])
+def test_statistics_profile(fused, parts, monkeypatch):
+    monkeypatch.setenv('T2T_VIZ_FUSED', fused)
     out = _run_benchmark('statistics_profile', '--model', 'resnet18', '--repeats', '1', '--top', '2')
     assert re.search(r'^resnet18 at 224 \(random weights\), 17 maps reduced', out, re.M), out  # 4 stages reused
-    for part in ('channel min/max/mean', 'token norms', r'median \|x\|', 'whole layer_stats'):
+    for part in (*parts, 'Sun count', 'whole layer_stats'):
         assert re.search(rf'^{part}\s+[\d.]+\s+[\d.]+%$', out, re.M), out
 
 
