@@ -204,7 +204,7 @@ class Recorder:
         # in-place ops cannot change what was recorded; maps already rebuilt from tokens are not copied twice
         half = self.dtype == torch.float16
         kept = fmap.to(device=_host(fmap), dtype=self.dtype, copy=must_copy or half)
-        if half:  # values beyond float16's range became inf: clamped in the copy, not in a float32 copy first
+        if half and _beyond_float16(kept):  # values beyond float16's range became inf: clamped in the copy
             kept.clamp_(-FLOAT16_MAX, FLOAT16_MAX)
         return kept
 
@@ -219,6 +219,15 @@ class Recorder:
             image = x[i].to(_host(x), torch.float16) if self.keep_maps else None
             captures.append(Capture(layers, image_logits, image, procedure))
         return captures
+
+
+def _beyond_float16(kept: torch.Tensor) -> bool:
+    """Whether a float16 copy holds an infinity (or a NaN, which clamping keeps): one read of the copy, where
+    clamping it in place costs a read and a write of every value."""
+    if kept.is_meta:
+        return True  # shape-only: as much as clamping allocates
+    low, high = torch.aminmax(kept)
+    return not (float(high) <= FLOAT16_MAX and float(low) >= -FLOAT16_MAX)
 
 
 def _tokens_to_map(grid: Tuple[int, int], prefix: int) -> Callable[[torch.Tensor], torch.Tensor]:
