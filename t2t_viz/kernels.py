@@ -3,14 +3,15 @@
 PyTorch reduces a map one statistic at a time, each a separate read of the map, and the exact median needs
 several more; on a ResNet, whose forward pass is cheap next to its maps' size, that cost more than the
 forward itself. Here one read of the map gives every per-channel figure, the token norms and the count of
-zeros; a second read (only when zeros are not half the map) histograms |x| by the high bits of its float32
-pattern, and a third resolves the median's bin by its low bits: an exact selection in three linear passes,
-with no sort, no copy of the map and a few hundred kilobytes of counters.
+zeros; when zeros are not half the map, a second read counts |x| into bins by the high bits of its float32
+pattern and a third collects the values of the one bin that holds the median, which a selection picks:
+exact, with no sort, no copy of the map and counters no larger than the map.
 
 Works on float32 maps seen as (C, N) in either memory layout a capture produces: channel-major (a CNN's
-(C, H, W) map) or token-major (a ViT's (N, C) tokens). Large maps are cut into fixed chunks of tokens and
-the chunks run on a shared thread pool (numba releases the GIL); chunk boundaries depend only on the
-map's shape, so results never depend on the number of threads.
+(C, H, W) map) or token-major (a ViT's (N, C) tokens). A large map is cut into token ranges, one per
+PyTorch thread, run on a small helper pool (numba releases the GIL). Minima, maxima, counts and each
+token's norm do not depend on that cut; per-channel means are float64 sums of the parts, equal to float32
+rounding whatever the number of threads.
 
 Order keys: a float32's bit pattern ``b`` read as int32, with ``b ^ ((b >> 31) & 0x7FFFFFFF)``, orders as
 the floats do (NaNs beyond the infinities), so minimum and maximum are integer reductions that the
@@ -18,7 +19,6 @@ compiler vectorizes, with NaN propagated as PyTorch's ``amax`` does.
 """
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -28,11 +28,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
-
 __all__ = ['FusedReduction', 'fused_available', 'reduce_map', 'count_over', 'first_max_positions', 'CHUNK_VALUES']
 
-CHUNK_VALUES = 1 << 17  # values a thread takes at least (1 MB of float32): smaller maps run on one thread
+CHUNK_VALUES = 1 << 17  # values a thread takes at least (512 KB of float32): smaller maps run on one thread
 _FINEST_SHIFT = 17  # the median's histogram bins |x| by its bits >> 17 at most: 8 exponent, 6 mantissa bits
 _COARSEST_SHIFT = 25  # and >> 25 at least (64 bins), so that its counters never outweigh a small map
 _SUBHISTOGRAMS = 4  # independent counters for neighbouring values, so increments do not wait on each other
@@ -312,10 +310,10 @@ def _run(calls: Sequence[Callable[[], int]]) -> List[int]:
     return [calls[0]()] + [future.result() for future in helped]
 
 
-def _parts(size: int, minimum: int = 1) -> List[Tuple[int, int]]:
-    """[first, last) ranges of ``size`` items, one per thread, each of at least ``minimum`` items and
-    CHUNK_VALUES values; a small map is one range."""
-    count = max(1, min(torch.get_num_threads(), size // max(1, CHUNK_VALUES // minimum), size))
+def _parts(size: int, values_per_item: int = 1) -> List[Tuple[int, int]]:
+    """[first, last) ranges of ``size`` items (tokens of ``values_per_item`` values, or single values), at
+    most one per thread and each of at least CHUNK_VALUES values; a small map is one range."""
+    count = max(1, min(torch.get_num_threads(), size // max(1, CHUNK_VALUES // values_per_item), size))
     bounds = [size * part // count for part in range(count + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
 
