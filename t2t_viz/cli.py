@@ -20,6 +20,7 @@ from .cachefiles import cache_dir
 from .capture import REAL_FORWARD
 from .figure import DEFAULT_CHANNELS, DEFAULT_SIZE, Panel, compose, figure_layers, heading_for
 from .images import ImageError, find_images, load_image, preprocess
+from .kernels import compile_kernels
 from .memory import InsufficientMemory, available_bytes, format_bytes
 from .loading import default_workers, prepared_batches, transforms_of
 from .models import T2TViT
@@ -519,7 +520,8 @@ def _cmd_weights(args: argparse.Namespace, out: TextIO) -> int:
 
 def _cmd_prepare(args: argparse.Namespace, out: TextIO) -> int:
     """Do once what a server's first start would: build each model's skeleton and trace the memory estimate
-    of its first run, both kept in the cache folder (as pip compiles .pyc files when it installs)."""
+    of its first run, both kept in the cache folder, and compile the statistics kernels (as pip compiles .pyc
+    files when it installs)."""
     try:
         zoo.check_input_size(args.img_size)
     except ImageError as e:
@@ -537,6 +539,9 @@ def _cmd_prepare(args: argparse.Namespace, out: TextIO) -> int:
         out.write(f'{name:<44} skeleton and memory estimate at {args.img_size} ready '
                   f'({time.perf_counter() - start:.1f} s)\n')
     out.write(f'kept in {cache_dir()}\n')
+    start = time.perf_counter()
+    if compile_kernels():
+        out.write(f'statistics kernels compiled ({time.perf_counter() - start:.1f} s), kept in numba\'s cache\n')
     return 1 if failed else 0
 
 

@@ -28,7 +28,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ['FusedReduction', 'fused_available', 'reduce_map', 'count_over', 'first_max_positions', 'CHUNK_VALUES']
+__all__ = ['FusedReduction', 'fused_available', 'reduce_map', 'count_over', 'first_max_positions',
+           'compile_kernels', 'CHUNK_VALUES']
 
 CHUNK_VALUES = 1 << 17  # values a thread takes at least (512 KB of float32): smaller maps run on one thread
 _FINEST_SHIFT = 17  # the median's histogram bins |x| by its bits >> 17 at most: 8 exponent, 6 mantissa bits
@@ -402,6 +403,19 @@ def first_max_positions(values: torch.Tensor, maximum: torch.Tensor, floor: torc
     positions = np.empty(maximum.shape, np.int64)
     _first_maxima(array, token_major, maximum.numpy(), floors, positions)
     return torch.from_numpy(positions)
+
+
+def compile_kernels() -> bool:
+    """Compile every kernel for the maps captures produce (numba keeps them in its cache on disk, so later
+    processes load them in a fraction of a second); False when the kernels are not in use here."""
+    if not fused_available():
+        return False
+    for values in (torch.ones(3, 5), torch.ones(5, 3).t()):  # channel-major, token-major
+        reduce_map(values, 2)
+        first_max_positions(values, torch.ones(3), torch.tensor(0.0))
+        count_over(values, 0.5)
+    _median_bits(np.arange(1, 4 * CHUNK_VALUES, dtype=np.int32), 0)  # the parts' kernels of a large map
+    return True
 
 
 def count_over(values: torch.Tensor, threshold: float) -> int:

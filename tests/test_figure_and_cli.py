@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from t2t_viz import memory, pipeline, zoo
+from t2t_viz import kernels, memory, pipeline, zoo
 from t2t_viz.capture import Layer
 from t2t_viz.cli import main
 from t2t_viz.dataset import fitting_batch
@@ -108,6 +108,7 @@ def test_prepare_keeps_what_the_apps_first_start_needs(empty_cache_dir, monkeypa
     assert main(['prepare', '--model', 'resnet18', '--model', 't2t_vit_7']) == 0
     out = capsys.readouterr().out
     assert 'resnet18' in out and 't2t_vit_7' in out and str(empty_cache_dir) in out
+    assert ('statistics kernels compiled' in out) == kernels.fused_available()
 
     def not_again(*args, **kwargs):
         raise AssertionError('built or traced again')

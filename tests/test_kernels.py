@@ -1,4 +1,6 @@
 """The fused CPU kernels against plain NumPy on planted maps of the sizes users run (1024 and 2048 inputs)."""
+import os
+
 import numpy as np
 import pytest
 import timm
@@ -202,3 +204,17 @@ def test_first_max_positions_of_the_channels_that_reach_their_floor(token_major)
     everywhere = kernels.first_max_positions(values, maximum, torch.tensor(-float('inf')))
     finite = ~torch.isnan(maximum)
     assert torch.equal(everywhere[finite], values.argmax(dim=1)[finite])
+
+
+def test_compiling_once_fills_numba_s_cache_for_later_processes(tmp_path):
+    """What `t2t-viz prepare` does at install: every kernel compiled and written to the cache on disk."""
+    import subprocess
+    import sys
+    env = {**os.environ, 'NUMBA_CACHE_DIR': str(tmp_path)}
+    code = 'from t2t_viz import kernels; print(kernels.compile_kernels())'
+    result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == 'True', result.stderr[-2000:]
+    cached = {path.name.split('.')[1] for path in tmp_path.rglob('kernels.*.nbi')}  # kernels.<function>-<line>.nbi
+    names = {'_channel_major', '_token_major', '_combine', '_median_in_one_part', '_histogram', '_find_bin',
+             '_collect', '_top_magnitudes', '_first_maxima', '_count_over'}
+    assert names <= {name.rsplit('-', 1)[0] for name in cached}, cached
