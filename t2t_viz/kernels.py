@@ -23,7 +23,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -171,7 +171,6 @@ def _histogram(flat_bits, first, last, shift, counts):
         counts[3, (part[i + 3] & _MAGNITUDE) >> shift] += 1
     for i in range(size - size % 4, size):
         counts[0, (part[i] & _MAGNITUDE) >> shift] += 1
-    return 0
 
 
 @_jit
@@ -302,7 +301,7 @@ def _pool() -> Optional[ThreadPoolExecutor]:
     return _POOL
 
 
-def _run(calls: Sequence[Callable[[], int]]) -> List[int]:
+def _run(calls: Sequence[Callable[[], Any]]) -> List[Any]:
     """Results of ``calls`` in order: the first on the calling thread, the others on the helper threads."""
     pool = _pool() if len(calls) > 1 else None
     if pool is None:

@@ -305,25 +305,24 @@ def layer_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None, top_k
         top_values, top_channels, top_positions = _top_activations(values, channels.max_abs, top_k)
         nonnegative = not values.is_meta and bool(channels.minimum.min() >= 0)  # a ReLU's output
         median_abs = _median_abs(values, nonnegative)
-        threshold = torch.clamp(median_abs * SUN_MEDIAN_FACTOR, min=SUN_MIN_MAGNITUDE)
-        sun_massive = _sun_count(_flat(values), threshold, top_values.abs().max())
     else:
         channels = ChannelStats(fused.max_abs, fused.mean, fused.minimum, fused.maximum)
         token_norms, median_abs = fused.token_norms.reshape(fmap.shape[1:]), fused.median_abs
         top_values, top_channels, top_positions = fused.top_values, fused.top_channels, fused.top_positions
-        bar = max(np.float32(SUN_MIN_MAGNITUDE), np.float32(median_abs) * np.float32(SUN_MEDIAN_FACTOR))  # float32
-        threshold = torch.tensor(bar)
-        over = bool(top_values.numel()) and abs(float(top_values[0])) > bar
-        sun_massive = torch.tensor(count_over(values, float(bar)) if over else 0)
+    threshold = torch.clamp(median_abs * SUN_MEDIAN_FACTOR, min=SUN_MIN_MAGNITUDE)  # Sun et al.'s bar
+    largest = top_values.abs().max()
+    if fused is None:
+        sun_massive = _sun_count(_flat(values), threshold, largest)
+    else:  # counted only when the largest |x| is over the bar, as _sun_count does
+        sun_massive = torch.tensor(count_over(values, float(threshold)) if float(largest) > float(threshold) else 0)
     prefix_stats = None if prefix is None or not prefix.shape[0] else _prefix_stats(prefix, threshold)
     if prefix_stats is not None:
         prefix_stats = PrefixStats(*map(_host, (prefix_stats.max_abs, prefix_stats.max_abs_channel,
                                                prefix_stats.norms, prefix_stats.sun_massive)))
     positions = None
-    if position_floor is not None and fused is not None:
-        positions = first_max_positions(values, channels.maximum, position_floor)
-    elif position_floor is not None:
-        positions = _host(max_positions(values, channels.maximum, position_floor))
+    if position_floor is not None:
+        positions = (_host(max_positions(values, channels.maximum, position_floor)) if fused is None
+                     else first_max_positions(values, channels.maximum, position_floor))
     return LayerStats(ChannelStats(*map(_host, (channels.max_abs, channels.mean, channels.minimum,
                                                 channels.maximum))),
                       *map(_host, (token_norms, top_values, top_channels, top_positions, median_abs, sun_massive)),
