@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .models import T2TViT
 
 __all__ = ['Layer', 'Capture', 'Point', 'Recorder', 'run', 'layer_points', 'select_points', 't2t_module_points',
@@ -198,7 +199,9 @@ class Recorder:
         fmap = fmap.detach()
         height, width = fmap.shape[-2:]
         if self.max_side and max(height, width) > self.max_side:
-            fmap = F.adaptive_avg_pool2d(fmap.float(), pooled_size(height, width, self.max_side))
+            size = pooled_size(height, width, self.max_side)
+            pooled = kernels.average_pool(fmap, size)  # (B, C, h, w)
+            fmap = F.adaptive_avg_pool2d(fmap.float(), size) if pooled is None else pooled
             must_copy = False
         # a map that is still the module's own memory and may be written later is copied, so that later
         # in-place ops cannot change what was recorded; maps already rebuilt from tokens are not copied twice

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 __all__ = ['FusedReduction', 'fused_available', 'reduce_map', 'count_over', 'first_max_positions',
-           'compile_kernels', 'CHUNK_VALUES']
+           'average_pool', 'compile_kernels', 'CHUNK_VALUES']
 
 CHUNK_VALUES = 1 << 17  # values a thread takes at least (512 KB of float32): smaller maps run on one thread
 _FINEST_SHIFT = 17  # the median's histogram bins |x| by its bits >> 17 at most: 8 exponent, 6 mantissa bits
@@ -288,6 +288,77 @@ def _count_over(flat_bits, threshold_bits):
     return count
 
 
+@_summing
+def _pool_channels(values, first, last, row_starts, row_ends, column_starts, column_ends, out):
+    """out[c] (oh, ow): the average of each window of values[c] (H, W), for channels first:last. Each output
+    row's window rows are summed column by column (a vectorized pass over W), then each window's columns."""
+    column_sums = np.empty(values.shape[2], np.float32)
+    for c in range(first, last):
+        for oy in range(out.shape[1]):
+            column_sums[:] = values[c, row_starts[oy]]
+            for y in range(row_starts[oy] + 1, row_ends[oy]):
+                row = values[c, y]
+                for x in range(row.shape[0]):
+                    column_sums[x] += row[x]
+            rows = np.float32(row_ends[oy] - row_starts[oy])
+            for ox in range(out.shape[2]):
+                total = np.float32(0.0)
+                for x in range(column_starts[ox], column_ends[ox]):
+                    total += column_sums[x]
+                out[c, oy, ox] = total / (rows * np.float32(column_ends[ox] - column_starts[ox]))
+
+
+@_summing
+def _pool_tokens(values, first, last, row_starts, row_ends, column_starts, column_ends, out):
+    """out (C, oh, ow) for output rows first:last: the average of each window of the (H, W, C) tokens,
+    summed a whole token (C contiguous values) at a time."""
+    window = np.empty(values.shape[2], np.float32)
+    for oy in range(first, last):
+        for ox in range(out.shape[2]):
+            window[:] = 0.0
+            for y in range(row_starts[oy], row_ends[oy]):
+                for x in range(column_starts[ox], column_ends[ox]):
+                    token = values[y, x]
+                    for c in range(token.shape[0]):
+                        window[c] += token[c]
+            count = np.float32((row_ends[oy] - row_starts[oy]) * (column_ends[ox] - column_starts[ox]))
+            for c in range(window.shape[0]):
+                out[c, oy, ox] = window[c] / count
+
+
+def _windows(size: int, pooled: int) -> Tuple[np.ndarray, np.ndarray]:
+    """[start, end) of each of ``pooled`` windows over ``size`` positions, as adaptive average pooling cuts
+    them: floor(i * size / pooled) to ceil((i + 1) * size / pooled)."""
+    index = np.arange(pooled, dtype=np.int64)
+    return index * size // pooled, ((index + 1) * size + pooled - 1) // pooled
+
+
+def average_pool(fmap: torch.Tensor, size: Tuple[int, int]) -> Optional[torch.Tensor]:
+    """(B, C, h, w) float32: ``F.adaptive_avg_pool2d(fmap, size)`` of a float32 CPU map (B, C, H, W), read
+    once in place, channel-major or token-major (a view of (B, H, W, C) tokens); None when the kernels cannot
+    take it (the caller then uses PyTorch). Sums are float32 in another order than PyTorch's: equal to within
+    float32 rounding."""
+    if not fused_available() or fmap.device.type != 'cpu' or fmap.dtype != torch.float32 or fmap.dim() != 4 \
+            or not fmap.numel() or fmap.requires_grad:
+        return None
+    batch, channels, height, width = fmap.shape
+    rows, columns = _windows(height, size[0]), _windows(width, size[1])
+    out = np.empty((batch, channels, *size), np.float32)
+    if fmap.is_contiguous():
+        values = fmap.reshape(batch * channels, height, width).numpy()
+        flat_out = out.reshape(batch * channels, *size)
+        calls = [lambda part=part: _pool_channels(values, *part, *rows, *columns, flat_out)
+                 for part in _parts(batch * channels, height * width)]
+    elif all(image.permute(1, 2, 0).is_contiguous() for image in fmap):
+        images = [image.permute(1, 2, 0).numpy() for image in fmap]  # (H, W, C) each
+        calls = [lambda i=i, part=part: _pool_tokens(images[i], *part, *rows, *columns, out[i])
+                 for i in range(batch) for part in _parts(size[0], height * width * channels // size[0])]
+    else:
+        return None
+    _run(calls)
+    return torch.from_numpy(out)
+
+
 _POOL: Optional[ThreadPoolExecutor] = None
 _POOL_LOCK = threading.Lock()
 
@@ -414,6 +485,8 @@ def compile_kernels() -> bool:
         first_max_positions(values, torch.ones(3), torch.tensor(0.0))
         count_over(values, 0.5)
     _median_bits(np.arange(1, 4 * CHUNK_VALUES, dtype=np.int32), 0)  # the parts' kernels of a large map
+    for fmap in (torch.ones(1, 3, 4, 4), torch.ones(1, 4, 4, 3).permute(0, 3, 1, 2)):
+        average_pool(fmap, (2, 2))
     return True
 
 

@@ -218,3 +218,72 @@ def test_compiling_once_fills_numba_s_cache_for_later_processes(tmp_path):
     names = {'_channel_major', '_token_major', '_combine', '_median_in_one_part', '_histogram', '_find_bin',
              '_collect', '_top_magnitudes', '_first_maxima', '_count_over'}
     assert names <= {name.rsplit('-', 1)[0] for name in cached}, cached
+
+
+def test_display_pooling_of_resnet_conv1_at_1024_lands_every_value_in_its_window():
+    """64 x 512 x 512 pooled to 128 x 128 (windows of 4 x 4): NumPy's mean of each window, and a planted
+    spike moves exactly to its window."""
+    generator = torch.Generator().manual_seed(7)
+    fmap = torch.relu(torch.randn(1, 64, 512, 512, generator=generator))
+    fmap[0, 5, 301, 77] = 1.0e4
+    pooled = kernels.average_pool(fmap, (128, 128))
+    expected = fmap.numpy().astype(np.float64).reshape(1, 64, 128, 4, 128, 4).mean(axis=(3, 5))
+    np.testing.assert_allclose(pooled.numpy(), expected, rtol=1e-6, atol=1e-7)
+    assert pooled.shape == (1, 64, 128, 128) and pooled[0, 5].argmax() == 75 * 128 + 19
+
+
+@pytest.mark.parametrize('shape, size', [((2, 5, 37, 23), (15, 9)), ((1, 147, 256, 256), (128, 128)),
+                                         ((1, 3, 300, 451), (85, 128))])
+def test_display_pooling_cuts_windows_as_adaptive_pooling_in_both_layouts(shape, size):
+    """Uneven, overlapping windows, batches, and token maps cut from (B, 1 + N, C) with a class token (T2T's
+    soft_split0 at 1024 is 256 x 256 tokens of 147 channels): PyTorch's adaptive pooling, to float32 rounding."""
+    generator = torch.Generator().manual_seed(8)
+    batch, channels, height, width = shape
+    channel_major = torch.randn(shape, generator=generator)
+    tokens = torch.randn(batch, 1 + height * width, channels, generator=generator)
+    token_major = tokens[:, 1:].transpose(1, 2).reshape(shape)
+    for fmap in (channel_major, token_major):
+        pooled = kernels.average_pool(fmap, size)
+        torch.testing.assert_close(pooled, torch.nn.functional.adaptive_avg_pool2d(fmap, size), rtol=1e-5,
+                                   atol=2e-7)
+        assert pooled.is_contiguous()
+
+
+def test_display_pooling_propagates_nan_and_infinity_and_ignores_the_thread_count():
+    fmap = torch.ones(1, 300, 64, 64)
+    fmap[0, 1, 5, 5], fmap[0, 2, 9, 0], fmap[0, 3, 0, 0] = float('nan'), float('inf'), -float('inf')
+    tokens = fmap.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # the same map, token-major
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append([kernels.average_pool(m, (16, 16)) for m in (fmap, tokens)])
+    finally:
+        torch.set_num_threads(threads)
+    for pooled in results[0]:
+        assert torch.isnan(pooled[0, 1, 1, 1]) and pooled[0, 2, 2, 0] == float('inf')
+        assert pooled[0, 3, 0, 0] == -float('inf') and int(torch.isfinite(pooled).logical_not().sum()) == 3
+    for other in results[1:]:
+        for first, second in zip(results[0], other):
+            torch.testing.assert_close(first, second, rtol=0, atol=0, equal_nan=True)
+
+
+def test_display_pooling_leaves_maps_it_cannot_take_to_pytorch():
+    assert kernels.average_pool(torch.randn(1, 4, 8, 8, dtype=torch.float16), (4, 4)) is None
+    assert kernels.average_pool(torch.randn(1, 4, 8, 8, device='meta'), (4, 4)) is None
+    assert kernels.average_pool(torch.randn(1, 4, 8, 16)[..., ::2], (4, 4)) is None  # strided columns
+
+
+def test_a_capture_keeps_display_copies_pooled_by_the_kernel():
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18', pretrained=False, num_classes=10).eval()
+    x = torch.randn(1, 3, 512, 512)
+    full = capture.run(model, x)[0]
+    kept = capture.run(model, x, dtype=torch.float16, max_side=64)[0]
+    assert [layer.name for layer in kept.layers] == [layer.name for layer in full.layers]
+    pooled = [layer for layer in kept.layers if layer.pooled]
+    assert len(pooled) >= 5
+    for layer in pooled:
+        expected = torch.nn.functional.adaptive_avg_pool2d(full.layer(layer.name).fmap[None], layer.fmap.shape[-2:])
+        torch.testing.assert_close(layer.fmap.float(), expected[0].half().float(), rtol=1e-3, atol=1e-3)
