@@ -3,8 +3,8 @@
 Each actor loads the run's models once and turns a shard (a contiguous block of the inputs) into its
 per-image rows and partial statistics (:mod:`t2t_viz.partial`); the driver writes the rows in input
 order and merges the partials, so the files equal those of one process (byte for byte with batch size 1).
-A dead worker is restarted and its shard retried by Ray. Needs the optional extra ``pip install
-"t2t-viz[ray]"``; every node needs this package and the weights files (or the network).
+A worker that dies is replaced and its shard run again (reported in the terminal). Needs the optional
+extra ``pip install "t2t-viz[ray]"``; every node needs this package and the weights files (or the network).
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import logging
 import os
 import resource
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from collections import deque
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -104,9 +105,11 @@ def run_shards(spec: RunSpec, inputs: Sequence[str], address: Optional[str], wor
     ``address``: a cluster's address ('auto' for the one this machine belongs to), or None to start a
     local one. ``workers``: actors (default: one per GPU when the run uses GPUs, else one per CPU);
     ``shards``: blocks of inputs (default four per worker, so a retried shard is a small part of the run).
+    A worker that dies (killed, out of memory, its node lost) is replaced by a new one, which takes the
+    shard again, at most ``RETRIES`` times per shard; each death is reported. Any other error ends the run.
     """
     import ray
-    from ray.util import ActorPool
+    from ray.exceptions import RayActorError, WorkerCrashedError
 
     environment = {key: value for key, value in os.environ.items() if key.startswith('T2T_VIZ_')}
     ray.init(address=address, runtime_env={'env_vars': environment}, logging_level=logging.WARNING,
@@ -116,13 +119,39 @@ def run_shards(spec: RunSpec, inputs: Sequence[str], address: Optional[str], wor
         gpus = int(resources.get('GPU', 0)) if spec.device != 'cpu' else 0
         count = workers or (gpus or max(1, int(resources.get('CPU', 1))))
         per_worker = {'num_gpus': 1} if gpus else {'num_cpus': max(1, int(resources.get('CPU', 1)) // count)}
-        actor = ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES, **per_worker)(_Worker)
-        pool = ActorPool([actor.remote(spec) for _ in range(count)])
+        actor = ray.remote(max_restarts=0, max_task_retries=0, **per_worker)(_Worker)
+        idle = [actor.remote(spec) for _ in range(count)]
         report(f'ray: {count} worker(s) on {len(ray.nodes())} node(s), '
                + ('one GPU each' if gpus else f'{per_worker["num_cpus"]} CPU(s) each'))
         blocks = shard_blocks(inputs, shards or 4 * count)
-        for index, rows, partial, worker, peak in pool.map(lambda actor, job: actor.run.remote(*job),
-                                                           list(enumerate(blocks))):
-            yield ShardResult(index, rows, load_partial(partial), worker, peak)
+        waiting = deque(range(len(blocks)))
+        retries = [0] * len(blocks)
+        running: Dict[Any, Tuple[Any, int]] = {}  # task -> (its actor, its shard)
+        finished: Dict[int, ShardResult] = {}
+        next_shard = 0
+        while next_shard < len(blocks):
+            while idle and waiting:
+                worker, index = idle.pop(), waiting.popleft()
+                running[worker.run.remote(index, blocks[index])] = (worker, index)
+            (task,), _ = ray.wait(list(running), num_returns=1)
+            worker, index = running.pop(task)
+            try:
+                _, rows, partial, name, peak = ray.get(task)
+            except (RayActorError, WorkerCrashedError) as error:
+                retries[index] += 1
+                if retries[index] > RETRIES:
+                    raise RuntimeError(f'shard {index + 1} of {len(blocks)}: its worker died {retries[index]} '
+                                       f'times ({type(error).__name__})') from error
+                report(f'ray: a worker died during shard {index + 1} of {len(blocks)} ({type(error).__name__}); '
+                       f'a new worker takes it again (retry {retries[index]} of {RETRIES})')
+                ray.kill(worker)
+                idle.append(actor.remote(spec))
+                waiting.appendleft(index)
+                continue
+            idle.append(worker)
+            finished[index] = ShardResult(index, rows, load_partial(partial), name, peak)
+            while next_shard in finished:
+                yield finished.pop(next_shard)
+                next_shard += 1
     finally:
         ray.shutdown()

@@ -204,3 +204,40 @@ def test_batch_size_auto_takes_the_largest_batch_the_estimate_fits(folder, monke
     assert '--batch-size auto: 64' in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(['stats', 'images', '--model', 'resnet18', '-o', 'x.csv', '--batch-size', '0'])
+
+
+def _kill_the_first_busy_ray_worker(killed: list, stop) -> None:
+    """SIGKILL the first Ray actor process seen running a shard (its process title while a task runs)."""
+    while not stop.is_set() and not killed:
+        for entry in Path('/proc').iterdir():
+            try:
+                title = (entry / 'cmdline').read_bytes()
+            except OSError:
+                continue
+            if entry.name.isdigit() and title.startswith(b'ray::_Worker.run'):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+                return
+        time.sleep(0.005)
+
+
+@pytest.mark.skipif(not Path('/proc').is_dir(), reason='finds the worker through /proc')
+def test_a_ray_worker_killed_mid_shard_is_replaced_and_the_files_equal_one_process(folder, capsys):
+    import threading
+    pytest.importorskip('ray')
+    assert _stats('-o', 'one.csv', '--per-channel', 'one_ch.csv', '--top-examples', 'one_top.csv',
+                  '--batch-size', '1', '--procedure', 'both') == 1
+    killed, stop = [], threading.Event()
+    killer = threading.Thread(target=_kill_the_first_busy_ray_worker, args=(killed, stop))
+    killer.start()
+    try:
+        assert _stats('-o', 'ray.csv', '--per-channel', 'ray_ch.csv', '--top-examples', 'ray_top.csv',
+                      '--batch-size', '1', '--procedure', 'both', '--ray', '--ray-workers', '2') == 1
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, 'no worker was seen running a shard'
+    for mine, theirs in (('ray.csv', 'one.csv'), ('ray_ch.csv', 'one_ch.csv'), ('ray_top.csv', 'one_top.csv')):
+        assert Path(mine).read_bytes() == Path(theirs).read_bytes(), mine
+    err = capsys.readouterr().err
+    assert 'ray: a worker died during shard' in err and 'a new worker takes it again (retry 1 of 2)' in err
