@@ -339,6 +339,33 @@ def layer_points(model: nn.Module, height: int, width: int, mlp_hidden: bool = F
     return None
 
 
+_targets: 'weakref.WeakKeyDictionary[nn.Module, Dict[tuple, Tuple[List[Point], Dict[str, nn.Module]]]]' = \
+    weakref.WeakKeyDictionary()
+_targets_lock = threading.Lock()
+
+
+def _hook_targets(model: nn.Module, height: int, width: int, mlp_hidden: bool
+                  ) -> Optional[Tuple[List[Point], Dict[str, nn.Module]]]:
+    """:func:`layer_points` and the module of each, found once per model and input size (walking a model's
+    modules took 1-2 ms of every pass); found again when a point's module is no longer the model's."""
+    key = (height, width, mlp_hidden)
+    with _targets_lock:
+        cached = _targets.get(model, {}).get(key)
+    if cached is not None and all(model.get_submodule(name) is module for name, module in cached[1].items()):
+        return cached
+    points = layer_points(model, height, width, mlp_hidden)
+    if points is None:
+        return None
+    modules = dict(model.named_modules())
+    missing = [p.module_name for p in points if p.module_name not in modules]
+    if missing:
+        raise ValueError(f'model has no modules {missing[:3]} to capture')
+    found = points, {p.module_name: modules[p.module_name] for p in points}
+    with _targets_lock:
+        _targets.setdefault(model, {})[key] = found
+    return found
+
+
 def select_points(points: List[Point], wanted: Optional[Collection[str]]) -> List[Point]:
     """The points named (module path or label) in ``wanted``, in model order; all when ``wanted`` is None."""
     if wanted is None:
@@ -394,17 +421,14 @@ def run(
             its module's edited output.
     """
     B, _, height, width = x.shape
-    points = layer_points(model, height, width, mlp_hidden)
-    if points is None:
+    targets = _hook_targets(model, height, width, mlp_hidden)
+    if targets is None:
         if edits:
             raise ValueError(f'{type(model).__name__} is captured through forward_intermediates, whose stages '
                              'cannot be edited in the pass')
         return _run_intermediates(model, x, dtype, max_side, layers, keep_maps, reduce, progress, stop_early)
+    points, modules = targets
     points = select_points(points, layers)
-    modules = dict(model.named_modules())
-    missing = [p.module_name for p in points if p.module_name not in modules]
-    if missing:
-        raise ValueError(f'model has no modules {missing[:3]} to capture')
     recorder = Recorder(points, dtype, max_side, keep_maps, reduce, progress,
                         stop_after=points[-1].module_name if stop_early and points else None)
     hooks = [(modules[p.module_name], functools.partial(_hook, recorder, p.module_name)) for p in points]

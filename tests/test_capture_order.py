@@ -145,3 +145,20 @@ def test_float16_display_copies_clamp_only_values_beyond_its_range(cloned_output
     assert torch.equal(in_range['layer1.0.act1'].fmap, reference['layer1.0.act1'][0].half())
     mixed = torch.tensor([[[1e6, float('nan'), -1e6]]])
     assert capture._beyond_float16(mixed.half()) and not capture._beyond_float16(torch.tensor([[[65504.0]]]).half())
+
+
+class _CappedReLU(torch.nn.ReLU):
+    def forward(self, x):
+        return x.clamp(0.0, 0.25)
+
+
+def test_a_module_replaced_after_a_capture_is_hooked_in_the_next():
+    """Hook points are found once per model and input size; a module swapped in later is still recorded."""
+    model = timm.create_model('resnet18').eval()
+    x = torch.randn(1, 3, 64, 64)
+    first = capture.run(model, x)[0]
+    model.layer1[0].act1 = _CappedReLU()
+    second = capture.run(model, x)[0]
+    assert [layer.name for layer in second.layers] == [layer.name for layer in first.layers]
+    assert float(first.layer('layer1.0.act1').fmap.max()) > 0.25
+    assert float(second.layer('layer1.0.act1').fmap.max()) == 0.25
