@@ -248,6 +248,31 @@ def _median_in_one_part(flat_bits, rank, shift, counts):
 
 
 @_jit
+def _reduce_in_one_part(array, bits, token_major, shift, figures, norms, top_values, top_places):
+    """Every figure of a map that one thread reads, in one call (each call from Python costs microseconds):
+    figures (4, C) float32 minimum, maximum, max |x| and mean per channel, norms (N,) token norms, the k
+    largest |x| in top_values (k,) with their (channel, position) in top_places (2, k); returns the
+    median's bits."""
+    channels, tokens = figures.shape[1], norms.shape[0]
+    key_max, key_min = np.empty((1, channels), np.int32), np.empty((1, channels), np.int32)
+    sums, squares = np.empty((1, channels), np.float64), np.empty(tokens, np.float64)
+    if token_major:
+        zeros = _token_major(array, bits, 0, tokens, key_max[0], key_min[0], sums[0], squares)
+    else:
+        zeros = _channel_major(array, bits, 0, tokens, key_max[0], key_min[0], sums[0], squares)
+    figure_bits = figures.view(np.int32)
+    _combine(key_max, key_min, sums, squares, tokens, figure_bits[0], figure_bits[1], figure_bits[2], figures[3],
+             norms)
+    _top_magnitudes(array, bits, token_major, figure_bits[2], top_values, top_places[0], top_places[1])
+    flat_bits = bits.reshape(-1)
+    rank = (flat_bits.shape[0] + 1) // 2
+    if zeros >= rank:
+        return np.int32(0)
+    counts = np.empty((1, _SUBHISTOGRAMS, 1 << (31 - shift)), np.int32)
+    return _median_in_one_part(flat_bits, rank, shift, counts)
+
+
+@_jit
 def _first_maxima(array, token_major, maximum, floor, positions):
     """positions (C,): where each channel's maximum first is, for the channels whose maximum reaches its
     floor (NaN never does); -1 for the others. Only those channels are read."""
@@ -411,7 +436,30 @@ def reduce_map(values: torch.Tensor, top_k: int) -> Optional[FusedReduction]:
     token_major = layout == 'token_major'
     array = (values.t() if token_major else values).numpy()  # C-contiguous (N, C) or (C, N)
     bits = array.view(np.int32)
+    k = min(top_k, values.numel())
     parts = _parts(tokens, channels)
+    if len(parts) > 1:
+        return _reduce_in_parts(array, bits, token_major, k, parts)
+    figures, norms = np.empty((4, channels), np.float32), np.empty(tokens, np.float32)
+    top_values, top_places = np.empty(k, np.float32), np.empty((2, k), np.int64)
+    median = _reduce_in_one_part(array, bits, token_major, _bin_shift(bits.size), figures, norms, top_values,
+                                 top_places)
+    return _reduction(figures, norms, median, top_values, top_places)
+
+
+def _reduction(figures: np.ndarray, norms: np.ndarray, median: int, top_values: np.ndarray,
+               top_places: np.ndarray) -> FusedReduction:
+    """The kernels' arrays as tensors, with as few tensor objects made as can be (each costs microseconds)."""
+    figures_tensor, places = torch.from_numpy(figures), torch.from_numpy(top_places)
+    median_tensor = torch.from_numpy(np.array(median, np.int32).view(np.float32))
+    return FusedReduction(figures_tensor[0], figures_tensor[1], figures_tensor[2], figures_tensor[3],
+                          torch.from_numpy(norms), median_tensor, torch.from_numpy(top_values), places[0], places[1])
+
+
+def _reduce_in_parts(array: np.ndarray, bits: np.ndarray, token_major: bool, k: int,
+                     parts: List[Tuple[int, int]]) -> FusedReduction:
+    """The reduction of a map cut into token ranges that several threads read."""
+    channels, tokens = (array.shape[1], array.shape[0]) if token_major else array.shape
     key_max = np.empty((len(parts), channels), np.int32)
     key_min = np.empty((len(parts), channels), np.int32)
     sums = np.empty((len(parts), channels), np.float64)
@@ -420,17 +468,14 @@ def reduce_map(values: torch.Tensor, top_k: int) -> Optional[FusedReduction]:
     zeros = sum(_run([lambda i=i, part=part: chunk(array, bits, part[0], part[1], key_max[i], key_min[i], sums[i],
                                                    squares)
                       for i, part in enumerate(parts)]))
-    figures = np.empty((3, channels), np.int32)  # minimum, maximum, max |x| as float32 bits
-    mean, norms = np.empty(channels, np.float32), np.empty(tokens, np.float32)
-    _combine(key_max, key_min, sums, squares, tokens, figures[0], figures[1], figures[2], mean, norms)
-    median = _median_bits(bits.reshape(-1), zeros)
-    k = min(top_k, values.numel())
-    top = np.empty(k, np.float32), np.empty(k, np.int64), np.empty(k, np.int64)
-    _top_magnitudes(array, bits, token_major, figures[2], *top)
-    minimum, maximum, max_abs = (torch.from_numpy(row) for row in figures.view(np.float32))
-    return FusedReduction(minimum, maximum, max_abs, torch.from_numpy(mean), torch.from_numpy(norms),
-                          torch.tensor(int(median), dtype=torch.int32).view(torch.float32),
-                          *(torch.from_numpy(array) for array in top))
+    figures = np.empty((4, channels), np.float32)  # minimum, maximum, max |x|, mean
+    figure_bits = figures.view(np.int32)
+    norms = np.empty(tokens, np.float32)
+    _combine(key_max, key_min, sums, squares, tokens, figure_bits[0], figure_bits[1], figure_bits[2], figures[3],
+             norms)
+    top_values, top_places = np.empty(k, np.float32), np.empty((2, k), np.int64)
+    _top_magnitudes(array, bits, token_major, figure_bits[2], top_values, top_places[0], top_places[1])
+    return _reduction(figures, norms, _median_bits(bits.reshape(-1), zeros), top_values, top_places)
 
 
 def _median_bits(flat_bits: np.ndarray, zeros: int) -> int:

@@ -310,11 +310,11 @@ def layer_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None, top_k
         token_norms, median_abs = fused.token_norms.reshape(fmap.shape[1:]), fused.median_abs
         top_values, top_channels, top_positions = fused.top_values, fused.top_channels, fused.top_positions
     threshold = torch.clamp(median_abs * SUN_MEDIAN_FACTOR, min=SUN_MIN_MAGNITUDE)  # Sun et al.'s bar
-    largest = top_values.abs().max()
     if fused is None:
-        sun_massive = _sun_count(_flat(values), threshold, largest)
-    else:  # counted only when the largest |x| is over the bar, as _sun_count does
-        sun_massive = torch.tensor(count_over(values, float(threshold)) if float(largest) > float(threshold) else 0)
+        sun_massive = _sun_count(_flat(values), threshold, top_values.abs().max())
+    else:  # counted only when the largest |x| (the first of the top activations) is over the bar, as there
+        bar = float(threshold)
+        sun_massive = torch.tensor(count_over(values, bar) if abs(float(top_values[0])) > bar else 0)
     prefix_stats = None if prefix is None or not prefix.shape[0] else _prefix_stats(prefix, threshold)
     if prefix_stats is not None:
         prefix_stats = PrefixStats(*map(_host, (prefix_stats.max_abs, prefix_stats.max_abs_channel,
@@ -323,9 +323,11 @@ def layer_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None, top_k
     if position_floor is not None:
         positions = (_host(max_positions(values, channels.maximum, position_floor)) if fused is None
                      else first_max_positions(values, channels.maximum, position_floor))
-    return LayerStats(ChannelStats(*map(_host, (channels.max_abs, channels.mean, channels.minimum,
-                                                channels.maximum))),
-                      *map(_host, (token_norms, top_values, top_channels, top_positions, median_abs, sun_massive)),
+    if fused is None:  # the fused kernels' results are on the CPU already
+        channels = ChannelStats(*map(_host, (channels.max_abs, channels.mean, channels.minimum, channels.maximum)))
+        token_norms, top_values, top_channels, top_positions, median_abs, sun_massive = map(
+            _host, (token_norms, top_values, top_channels, top_positions, median_abs, sun_massive))
+    return LayerStats(channels, token_norms, top_values, top_channels, top_positions, median_abs, sun_massive,
                       prefix=prefix_stats, max_positions=positions)
 
 
