@@ -12,8 +12,8 @@ import io
 import logging
 import os
 import resource
-from dataclasses import dataclass
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
