@@ -299,36 +299,40 @@ def layer_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None, top_k
     """
     values = fmap.reshape(fmap.shape[0], -1).float()  # (C, N)
     fused = reduce_map(values, top_k)
+    positions = None
     if fused is None:  # another device, or no numba: PyTorch's reductions, one statistic at a time
         channels = channel_stats(fmap)
         token_norms = (values * values).sum(dim=0).sqrt().reshape(fmap.shape[1:])  # (H, W)
         top_values, top_channels, top_positions = _top_activations(values, channels.max_abs, top_k)
         nonnegative = not values.is_meta and bool(channels.minimum.min() >= 0)  # a ReLU's output
         median_abs = _median_abs(values, nonnegative)
-    else:
+        threshold = _sun_bar(median_abs)
+        sun_massive = _sun_count(_flat(values), threshold, top_values.abs().max())
+        if position_floor is not None:
+            positions = _host(max_positions(values, channels.maximum, position_floor))
+        channels = ChannelStats(*map(_host, (channels.max_abs, channels.mean, channels.minimum, channels.maximum)))
+        token_norms, top_values, top_channels, top_positions, median_abs, sun_massive = map(
+            _host, (token_norms, top_values, top_channels, top_positions, median_abs, sun_massive))
+    else:  # the fused kernels' results, already on the CPU
         channels = ChannelStats(fused.max_abs, fused.mean, fused.minimum, fused.maximum)
         token_norms, median_abs = fused.token_norms.reshape(fmap.shape[1:]), fused.median_abs
         top_values, top_channels, top_positions = fused.top_values, fused.top_channels, fused.top_positions
-    threshold = torch.clamp(median_abs * SUN_MEDIAN_FACTOR, min=SUN_MIN_MAGNITUDE)  # Sun et al.'s bar
-    if fused is None:
-        sun_massive = _sun_count(_flat(values), threshold, top_values.abs().max())
-    else:  # counted only when the largest |x| (the first of the top activations) is over the bar, as there
-        bar = float(threshold)
+        threshold = _sun_bar(median_abs)
+        bar = float(threshold)  # counted only when the largest |x| (the first top activation) is over the bar
         sun_massive = torch.tensor(count_over(values, bar) if abs(float(top_values[0])) > bar else 0)
+        if position_floor is not None:
+            positions = first_max_positions(values, channels.maximum, position_floor)
     prefix_stats = None if prefix is None or not prefix.shape[0] else _prefix_stats(prefix, threshold)
     if prefix_stats is not None:
         prefix_stats = PrefixStats(*map(_host, (prefix_stats.max_abs, prefix_stats.max_abs_channel,
                                                prefix_stats.norms, prefix_stats.sun_massive)))
-    positions = None
-    if position_floor is not None:
-        positions = (_host(max_positions(values, channels.maximum, position_floor)) if fused is None
-                     else first_max_positions(values, channels.maximum, position_floor))
-    if fused is None:  # the fused kernels' results are on the CPU already
-        channels = ChannelStats(*map(_host, (channels.max_abs, channels.mean, channels.minimum, channels.maximum)))
-        token_norms, top_values, top_channels, top_positions, median_abs, sun_massive = map(
-            _host, (token_norms, top_values, top_channels, top_positions, median_abs, sun_massive))
     return LayerStats(channels, token_norms, top_values, top_channels, top_positions, median_abs, sun_massive,
                       prefix=prefix_stats, max_positions=positions)
+
+
+def _sun_bar(median_abs: torch.Tensor) -> torch.Tensor:
+    """() Sun et al.'s bar for massive activations: max(100, 1000 x the layer's median |x|)."""
+    return torch.clamp(median_abs * SUN_MEDIAN_FACTOR, min=SUN_MIN_MAGNITUDE)
 
 
 @dataclass(frozen=True)
