@@ -351,7 +351,7 @@ def _hook_targets(model: nn.Module, height: int, width: int, mlp_hidden: bool
     key = (height, width, mlp_hidden)
     with _targets_lock:
         cached = _targets.get(model, {}).get(key)
-    if cached is not None and all(model.get_submodule(name) is module for name, module in cached[1].items()):
+    if cached is not None and _still_the_models(model, cached[1]):
         return cached
     points = layer_points(model, height, width, mlp_hidden)
     if points is None:
@@ -364,6 +364,14 @@ def _hook_targets(model: nn.Module, height: int, width: int, mlp_hidden: bool
     with _targets_lock:
         _targets.setdefault(model, {})[key] = found
     return found
+
+
+def _still_the_models(model: nn.Module, modules: Dict[str, nn.Module]) -> bool:
+    """Whether each module is still the model's module of that name (none replaced or removed since)."""
+    try:
+        return all(model.get_submodule(name) is module for name, module in modules.items())
+    except AttributeError:
+        return False
 
 
 def select_points(points: List[Point], wanted: Optional[Collection[str]]) -> List[Point]:

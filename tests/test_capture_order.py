@@ -162,3 +162,12 @@ def test_a_module_replaced_after_a_capture_is_hooked_in_the_next():
     assert [layer.name for layer in second.layers] == [layer.name for layer in first.layers]
     assert float(first.layer('layer1.0.act1').fmap.max()) > 0.25
     assert float(second.layer('layer1.0.act1').fmap.max()) == 0.25
+
+
+def test_a_block_removed_after_a_capture_is_left_out_of_the_next():
+    model = timm.create_model('resnet18').eval()
+    x = torch.randn(1, 3, 64, 64)
+    assert 'layer4.1.act2' in [layer.name for layer in capture.run(model, x)[0].layers]
+    del model.layer4[1]
+    names = [layer.name for layer in capture.run(model, x)[0].layers]
+    assert 'layer4.0.act2' in names and not any(name.startswith('layer4.1.') for name in names)
