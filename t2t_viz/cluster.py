@@ -90,11 +90,11 @@ class _Worker:
         self.models = {name: zoo.load(name, checkpoint=spec.checkpoints.get(name), img_size=spec.img_size,
                                       device=spec.device) for name in spec.models}
 
-    def run(self, index: int, inputs: List[str]) -> Tuple[int, bytes, bytes, str, int]:
+    def run(self, inputs: List[str]) -> Tuple[bytes, bytes, str, int]:
         import ray
         rows, partial = compute_shard(self.models, self.spec, inputs)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-        return index, rows, partial_bytes(partial), f'{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}', peak
+        return rows, partial_bytes(partial), f'{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}', peak
 
 
 def run_shards(spec: RunSpec, inputs: Sequence[str], address: Optional[str], workers: Optional[int] = None,
@@ -132,11 +132,11 @@ def run_shards(spec: RunSpec, inputs: Sequence[str], address: Optional[str], wor
         while next_shard < len(blocks):
             while idle and waiting:
                 worker, index = idle.pop(), waiting.popleft()
-                running[worker.run.remote(index, blocks[index])] = (worker, index)
+                running[worker.run.remote(blocks[index])] = (worker, index)
             (task,), _ = ray.wait(list(running), num_returns=1)
             worker, index = running.pop(task)
             try:
-                _, rows, partial, name, peak = ray.get(task)
+                rows, partial, name, peak = ray.get(task)
             except (RayActorError, WorkerCrashedError) as error:
                 retries[index] += 1
                 if retries[index] > RETRIES:
