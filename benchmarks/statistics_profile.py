@@ -24,8 +24,8 @@ from t2t_viz.allocator import reuse_freed_memory
 from t2t_viz.images import preprocess_batch
 
 
-def _fused_parts(fmap: torch.Tensor) -> Dict[str, Callable[[], object]]:
-    """The fused CPU kernels' passes (t2t_viz.kernels), each on its own."""
+def _fused_parts(fmap: torch.Tensor, reduced: kernels.FusedReduction) -> Dict[str, Callable[[], object]]:
+    """The fused CPU kernels' passes (t2t_viz.kernels), each on its own; ``reduced``: the map's reduction."""
     values = fmap.reshape(fmap.shape[0], -1)  # (C, N)
     token_major = kernels._layout(values) == 'token_major'
     array = (values.t() if token_major else values).numpy()
@@ -35,11 +35,10 @@ def _fused_parts(fmap: torch.Tensor) -> Dict[str, Callable[[], object]]:
     key_max, key_min = (np.empty((len(parts), channels), np.int32) for _ in range(2))
     sums, squares = np.empty((len(parts), channels)), np.empty(tokens)
     chunk = kernels._token_major if token_major else kernels._channel_major
-    reduced = kernels.reduce_map(values, stats.TOP_K)
     figures = np.empty((3, channels), np.int32)
     top = np.empty(stats.TOP_K, np.float32), np.empty(stats.TOP_K, np.int64), np.empty(stats.TOP_K, np.int64)
     np.copyto(figures[2], reduced.max_abs.numpy().view(np.int32))
-    threshold = float(torch.clamp(reduced.median_abs * stats.SUN_MEDIAN_FACTOR, min=stats.SUN_MIN_MAGNITUDE))
+    threshold = float(stats._sun_bar(reduced.median_abs))
     def one_pass() -> int:
         return sum(kernels._run([lambda i=i, part=part: chunk(array, bits, *part, key_max[i], key_min[i], sums[i],
                                                               squares)
@@ -61,7 +60,7 @@ def _pytorch_parts(fmap: torch.Tensor, prefix) -> Dict[str, Callable[[], object]
     channel = stats.channel_stats(fmap)
     nonnegative = bool(channel.minimum.min() >= 0)
     median = stats._median_abs(values, nonnegative)
-    threshold = torch.clamp(median * stats.SUN_MEDIAN_FACTOR, min=stats.SUN_MIN_MAGNITUDE)
+    threshold = stats._sun_bar(median)
     return {
         'channel min/max/mean': lambda: stats.channel_stats(fmap),
         'token norms': lambda: (values * values).sum(dim=0).sqrt(),
@@ -73,8 +72,8 @@ def _pytorch_parts(fmap: torch.Tensor, prefix) -> Dict[str, Callable[[], object]
 
 def _parts(fmap: torch.Tensor, prefix) -> Dict[str, Callable[[], object]]:
     values = fmap.reshape(fmap.shape[0], -1)
-    fused = kernels.reduce_map(values, stats.TOP_K) is not None
-    parts = _fused_parts(fmap) if fused else _pytorch_parts(fmap, prefix)
+    reduced = kernels.reduce_map(values, stats.TOP_K)
+    parts = _pytorch_parts(fmap, prefix) if reduced is None else _fused_parts(fmap, reduced)
     parts['whole layer_stats'] = lambda: stats.layer_stats(fmap, prefix)
     if prefix is not None:
         threshold = torch.tensor(stats.SUN_MIN_MAGNITUDE)
