@@ -31,23 +31,22 @@ def _fused_parts(fmap: torch.Tensor, reduced: kernels.FusedReduction) -> Dict[st
     array = (values.t() if token_major else values).numpy()
     bits = array.view(np.int32)
     channels, tokens = values.shape
-    parts = kernels._parts(tokens, channels)
-    key_max, key_min = (np.empty((len(parts), channels), np.int32) for _ in range(2))
-    sums, squares = np.empty((len(parts), channels)), np.empty(tokens)
-    chunk = kernels._token_major if token_major else kernels._channel_major
+    key_max, key_min = (np.empty(channels, np.int32) for _ in range(2))
+    sums, squares = np.empty(channels), np.empty(tokens)
+    first_pass = kernels._token_major if token_major else kernels._channel_major
     figures = np.empty((3, channels), np.int32)
     top = np.empty(stats.TOP_K, np.float32), np.empty(stats.TOP_K, np.int64), np.empty(stats.TOP_K, np.int64)
     np.copyto(figures[2], reduced.max_abs.numpy().view(np.int32))
     threshold = float(stats._sun_bar(reduced.median_abs))
     def one_pass() -> int:
-        return sum(kernels._run([lambda i=i, part=part: chunk(array, bits, *part, key_max[i], key_min[i], sums[i],
-                                                              squares)
-                                 for i, part in enumerate(parts)]))
+        return first_pass(array, bits, key_max, key_min, sums, squares)
 
+    flat_bits, rank = bits.reshape(-1), (bits.size + 1) // 2
+    shift = kernels._bin_shift(bits.size)
     zeros = one_pass()  # the median's passes run only when zeros are not half of the map
     return {
         'one pass: channels, norms, zeros': one_pass,
-        'median |x|: histogram, selection': lambda: kernels._median_bits(bits.reshape(-1), zeros),
+        'median |x|: histogram, selection': lambda: zeros < rank and kernels._median_bits(flat_bits, rank, shift),
         'top activations': lambda: kernels._top_magnitudes(array, bits, token_major, figures[2], *top),
         'Sun count': lambda: kernels.count_over(values, threshold),
     }

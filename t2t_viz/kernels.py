@@ -8,10 +8,11 @@ pattern and a third collects the values of the one bin that holds the median, wh
 exact, with no sort, no copy of the map and counters no larger than the map.
 
 Works on float32 maps seen as (C, N) in either memory layout a capture produces: channel-major (a CNN's
-(C, H, W) map) or token-major (a ViT's (N, C) tokens). A large map is cut into token ranges, one per
-PyTorch thread, run on a small helper pool (numba releases the GIL). Minima, maxima, counts and each
-token's norm do not depend on that cut; per-channel means are float64 sums of the parts, equal to float32
-rounding whatever the number of threads.
+(C, H, W) map) or token-major (a ViT's (N, C) tokens). Every kernel runs on the calling thread, in one call
+per map. The capture hooks call them between two layers of the forward pass, while PyTorch's other OpenMP
+threads spin-wait for the next layer, so a helper thread shares a core with one of them. Measured in the
+hooks of ResNet50 passes (2 cores, medians of 15 passes), maps cut between two threads took 17-20 ms at 224
+against 15-19 ms on one thread, and were no faster at 1024.
 
 Order keys: a float32's bit pattern ``b`` read as int32, with ``b ^ ((b >> 31) & 0x7FFFFFFF)``, orders as
 the floats do (NaNs beyond the infinities), so minimum and maximum are integer reductions that the
@@ -20,18 +21,15 @@ compiler vectorizes, with NaN propagated as PyTorch's ``amax`` does.
 from __future__ import annotations
 
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 
 __all__ = ['FusedReduction', 'fused_available', 'reduce_map', 'count_over', 'first_max_positions',
-           'average_pool', 'compile_kernels', 'CHUNK_VALUES']
+           'average_pool', 'compile_kernels']
 
-CHUNK_VALUES = 1 << 17  # values a thread takes at least (512 KB of float32): smaller maps run on one thread
 _FINEST_SHIFT = 17  # the median's histogram bins |x| by its bits >> 17 at most: 8 exponent, 6 mantissa bits
 _COARSEST_SHIFT = 25  # and >> 25 at least (64 bins), so that its counters never outweigh a small map
 _SUBHISTOGRAMS = 4  # independent counters for neighbouring values, so increments do not wait on each other
@@ -79,15 +77,13 @@ else:  # never called: fused_available() is False
 
 
 @_summing
-def _channel_major(values, bits, first, last, key_max, key_min, sums, squares):
-    """Columns first:last of a (C, N) map: per-channel order keys and sums, per-token sums of squares;
-    returns how many values are zero (either sign). Loops run over slices: indexing from an offset keeps
-    the compiler from vectorizing them."""
+def _channel_major(values, bits, key_max, key_min, sums, squares):
+    """A (C, N) map: per-channel order keys and sums, per-token sums of squares; returns how many values are
+    zero (either sign)."""
     zeros = 0
-    chunk_squares = squares[first:last]
-    chunk_squares[:] = 0.0
+    squares[:] = 0.0
     for c in range(values.shape[0]):
-        row, row_bits = values[c, first:last], bits[c, first:last]
+        row, row_bits = values[c], bits[c]
         high, low, total, row_zeros = _MIN_KEY, _MAX_KEY, 0.0, 0
         for n in range(row.shape[0]):
             b = row_bits[n]
@@ -96,7 +92,7 @@ def _channel_major(values, bits, first, last, key_max, key_min, sums, squares):
             low = min(low, key)
             value = np.float64(row[n])
             total += value
-            chunk_squares[n] += value * value
+            squares[n] += value * value
             if b & _MAGNITUDE == 0:
                 row_zeros += 1
         key_max[c], key_min[c], sums[c] = high, low, total
@@ -105,13 +101,13 @@ def _channel_major(values, bits, first, last, key_max, key_min, sums, squares):
 
 
 @_summing
-def _token_major(values, bits, first, last, key_max, key_min, sums, squares):
-    """Rows first:last of an (N, C) map of tokens: as ``_channel_major``, for this chunk's tokens."""
+def _token_major(values, bits, key_max, key_min, sums, squares):
+    """An (N, C) map of tokens: as ``_channel_major``."""
     zeros = 0
     key_max[:] = _MIN_KEY
     key_min[:] = _MAX_KEY
     sums[:] = 0.0
-    for n in range(first, last):
+    for n in range(values.shape[0]):
         token, token_bits = values[n], bits[n]
         square, token_zeros = 0.0, 0
         for c in range(token.shape[0]):
@@ -136,15 +132,11 @@ def _order_key_to_bits(key):
 
 @_jit
 def _combine(key_max, key_min, sums, squares, tokens, minimum_bits, maximum_bits, max_abs_bits, mean, norms):
-    """The parts' partial results (parts, C) as per-channel float32 bit patterns, means and token norms.
+    """Per-channel order keys and sums (C,) as float32 bit patterns and means; token norms from sums of squares.
 
     A channel holding a NaN gets NaN minimum, maximum and max |x|, as PyTorch's reductions give."""
-    for c in range(key_max.shape[1]):
-        high, low, total = key_max[0, c], key_min[0, c], sums[0, c]
-        for part in range(1, key_max.shape[0]):
-            high = max(high, key_max[part, c])
-            low = min(low, key_min[part, c])
-            total += sums[part, c]
+    for c in range(key_max.shape[0]):
+        high, low, total = key_max[c], key_min[c], sums[c]
         if high > _POSITIVE_INFINITY_KEY or low < _NEGATIVE_INFINITY_KEY:
             maximum_bits[c] = minimum_bits[c] = max_abs_bits[c] = _NAN_BITS
         else:
@@ -158,11 +150,10 @@ def _combine(key_max, key_min, sums, squares, tokens, minimum_bits, maximum_bits
 
 
 @_jit
-def _histogram(flat_bits, first, last, shift, counts):
-    """counts (4, bins): how many |x| of flat_bits[first:last] fall in each bin of their bits >> shift."""
+def _histogram(part, shift, counts):
+    """counts (4, bins): how many |x| of the bit patterns ``part`` fall in each bin of their bits >> shift."""
     shift = np.int32(shift)
     counts[:] = 0
-    part = flat_bits[first:last]
     size = part.shape[0]
     for i in range(0, size - 3, 4):
         counts[0, (part[i] & _MAGNITUDE) >> shift] += 1
@@ -174,26 +165,21 @@ def _histogram(flat_bits, first, last, shift, counts):
 
 
 @_jit
-def _find_bin(counts, rank, offsets):
-    """The bin of counts (parts, 4, bins) that holds the rank-th smallest (1-based), and how many values
-    lie in lower bins; offsets (parts + 1,) gets where each part's values of that bin start in one buffer."""
+def _find_bin(counts, rank):
+    """The bin of counts (4, bins) that holds the rank-th smallest (1-based), how many values lie in lower
+    bins, and how many in it."""
     before = 0
-    for high in range(counts.shape[2]):
-        in_bin = 0
-        for part in range(counts.shape[0]):
-            in_bin += counts[part, 0, high] + counts[part, 1, high] + counts[part, 2, high] + counts[part, 3, high]
-            offsets[part + 1] = in_bin
+    for high in range(counts.shape[1]):
+        in_bin = counts[0, high] + counts[1, high] + counts[2, high] + counts[3, high]
         if before + in_bin >= rank:
-            offsets[0] = 0
-            return high, before
+            return high, before, in_bin
         before += in_bin
-    return counts.shape[2], before
+    return counts.shape[1], before, 0
 
 
 @_jit
-def _collect(flat_bits, first, last, shift, high, chosen):
-    """chosen: every |x| bit pattern of flat_bits[first:last] in bin ``high``, in memory order."""
-    part = flat_bits[first:last]
+def _collect(part, shift, high, chosen):
+    """chosen: every |x| bit pattern of ``part`` in bin ``high``, in memory order."""
     shift, wanted = np.int32(shift), np.int32(high)
     found = 0
     for i in range(part.shape[0]):
@@ -237,29 +223,29 @@ def _top_magnitudes(array, bits, token_major, max_abs_bits, values, channels, po
 
 
 @_jit
-def _median_in_one_part(flat_bits, rank, shift, counts):
-    """The rank-th smallest |x| bits of a map that one thread reads: histogram, bin, selection in one call."""
-    _histogram(flat_bits, 0, flat_bits.shape[0], shift, counts[0])
-    offsets = np.empty(2, np.int64)
-    high, before = _find_bin(counts, rank, offsets)
-    chosen = np.empty(offsets[1], np.int32)
-    _collect(flat_bits, 0, flat_bits.shape[0], shift, high, chosen)
+def _median_bits(flat_bits, rank, shift):
+    """The rank-th smallest |x| (1-based) of the bit patterns ``flat_bits``: a histogram of their high bits,
+    then a selection among the values of the one bin that holds the answer."""
+    counts = np.empty((_SUBHISTOGRAMS, 1 << (31 - shift)), np.int32)
+    _histogram(flat_bits, shift, counts)
+    high, before, in_bin = _find_bin(counts, rank)
+    chosen = np.empty(in_bin, np.int32)
+    _collect(flat_bits, shift, high, chosen)
     return np.partition(chosen, rank - before - 1)[rank - before - 1]
 
 
 @_jit
-def _reduce_in_one_part(array, bits, token_major, shift, figures, norms, top_values, top_places):
-    """Every figure of a map that one thread reads, in one call (each call from Python costs microseconds):
-    figures (4, C) float32 minimum, maximum, max |x| and mean per channel, norms (N,) token norms, the k
-    largest |x| in top_values (k,) with their (channel, position) in top_places (2, k); returns the
-    median's bits."""
+def _reduce(array, bits, token_major, shift, figures, norms, top_values, top_places):
+    """Every figure of a map in one call (each call from Python costs microseconds): figures (4, C) float32
+    minimum, maximum, max |x| and mean per channel, norms (N,) token norms, the k largest |x| in top_values
+    (k,) with their (channel, position) in top_places (2, k); returns the median's bits."""
     channels, tokens = figures.shape[1], norms.shape[0]
-    key_max, key_min = np.empty((1, channels), np.int32), np.empty((1, channels), np.int32)
-    sums, squares = np.empty((1, channels), np.float64), np.empty(tokens, np.float64)
+    key_max, key_min = np.empty(channels, np.int32), np.empty(channels, np.int32)
+    sums, squares = np.empty(channels, np.float64), np.empty(tokens, np.float64)
     if token_major:
-        zeros = _token_major(array, bits, 0, tokens, key_max[0], key_min[0], sums[0], squares)
+        zeros = _token_major(array, bits, key_max, key_min, sums, squares)
     else:
-        zeros = _channel_major(array, bits, 0, tokens, key_max[0], key_min[0], sums[0], squares)
+        zeros = _channel_major(array, bits, key_max, key_min, sums, squares)
     figure_bits = figures.view(np.int32)
     _combine(key_max, key_min, sums, squares, tokens, figure_bits[0], figure_bits[1], figure_bits[2], figures[3],
              norms)
@@ -268,8 +254,7 @@ def _reduce_in_one_part(array, bits, token_major, shift, figures, norms, top_val
     rank = (flat_bits.shape[0] + 1) // 2
     if zeros >= rank:
         return np.int32(0)
-    counts = np.empty((1, _SUBHISTOGRAMS, 1 << (31 - shift)), np.int32)
-    return _median_in_one_part(flat_bits, rank, shift, counts)
+    return _median_bits(flat_bits, rank, shift)
 
 
 @_jit
@@ -314,11 +299,11 @@ def _count_over(flat_bits, threshold_bits):
 
 
 @_summing
-def _pool_channels(values, first, last, row_starts, row_ends, column_starts, column_ends, out):
-    """out[c] (oh, ow): the average of each window of values[c] (H, W), for channels first:last. Each output
-    row's window rows are summed column by column (a vectorized pass over W), then each window's columns."""
+def _pool_channels(values, row_starts, row_ends, column_starts, column_ends, out):
+    """out[c] (oh, ow): the average of each window of values[c] (H, W). Each output row's window rows are
+    summed column by column (a vectorized pass over W), then each window's columns."""
     column_sums = np.empty(values.shape[2], np.float32)
-    for c in range(first, last):
+    for c in range(values.shape[0]):
         for oy in range(out.shape[1]):
             column_sums[:] = values[c, row_starts[oy]]
             for y in range(row_starts[oy] + 1, row_ends[oy]):
@@ -334,11 +319,11 @@ def _pool_channels(values, first, last, row_starts, row_ends, column_starts, col
 
 
 @_summing
-def _pool_tokens(values, first, last, row_starts, row_ends, column_starts, column_ends, out):
-    """out (C, oh, ow) for output rows first:last: the average of each window of the (H, W, C) tokens,
-    summed a whole token (C contiguous values) at a time."""
+def _pool_tokens(values, row_starts, row_ends, column_starts, column_ends, out):
+    """out (C, oh, ow): the average of each window of the (H, W, C) tokens, summed a whole token (C contiguous
+    values) at a time."""
     window = np.empty(values.shape[2], np.float32)
-    for oy in range(first, last):
+    for oy in range(out.shape[1]):
         for ox in range(out.shape[2]):
             window[:] = 0.0
             for y in range(row_starts[oy], row_ends[oy]):
@@ -370,48 +355,14 @@ def average_pool(fmap: torch.Tensor, size: Tuple[int, int]) -> Optional[torch.Te
     rows, columns = _windows(height, size[0]), _windows(width, size[1])
     out = np.empty((batch, channels, *size), np.float32)
     if fmap.is_contiguous():
-        values = fmap.reshape(batch * channels, height, width).numpy()
-        flat_out = out.reshape(batch * channels, *size)
-        calls = [lambda part=part: _pool_channels(values, *part, *rows, *columns, flat_out)
-                 for part in _parts(batch * channels, height * width)]
+        _pool_channels(fmap.reshape(batch * channels, height, width).numpy(), *rows, *columns,
+                       out.reshape(batch * channels, *size))
     elif all(image.permute(1, 2, 0).is_contiguous() for image in fmap):
-        images = [image.permute(1, 2, 0).numpy() for image in fmap]  # (H, W, C) each
-        calls = [lambda i=i, part=part: _pool_tokens(images[i], *part, *rows, *columns, out[i])
-                 for i in range(batch) for part in _parts(size[0], height * width * channels // size[0])]
+        for image, image_out in zip(fmap, out):
+            _pool_tokens(image.permute(1, 2, 0).numpy(), *rows, *columns, image_out)  # (H, W, C) tokens
     else:
         return None
-    _run(calls)
     return torch.from_numpy(out)
-
-
-_POOL: Optional[ThreadPoolExecutor] = None
-_POOL_LOCK = threading.Lock()
-
-
-def _pool() -> Optional[ThreadPoolExecutor]:
-    """Helpers for the calling thread: one fewer than PyTorch's threads (None with one thread)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None and torch.get_num_threads() > 1:
-            _POOL = ThreadPoolExecutor(torch.get_num_threads() - 1, thread_name_prefix='t2t-viz-stats')
-    return _POOL
-
-
-def _run(calls: Sequence[Callable[[], Any]]) -> List[Any]:
-    """Results of ``calls`` in order: the first on the calling thread, the others on the helper threads."""
-    pool = _pool() if len(calls) > 1 else None
-    if pool is None:
-        return [call() for call in calls]
-    helped = [pool.submit(call) for call in calls[1:]]
-    return [calls[0]()] + [future.result() for future in helped]
-
-
-def _parts(size: int, values_per_item: int = 1) -> List[Tuple[int, int]]:
-    """[first, last) ranges of ``size`` items (tokens of ``values_per_item`` values, or single values), at
-    most one per thread and each of at least CHUNK_VALUES values; a small map is one range."""
-    count = max(1, min(torch.get_num_threads(), size // max(1, CHUNK_VALUES // values_per_item), size))
-    bounds = [size * part // count for part in range(count + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def _layout(values: torch.Tensor) -> Optional[str]:
@@ -437,67 +388,13 @@ def reduce_map(values: torch.Tensor, top_k: int) -> Optional[FusedReduction]:
     array = (values.t() if token_major else values).numpy()  # C-contiguous (N, C) or (C, N)
     bits = array.view(np.int32)
     k = min(top_k, values.numel())
-    parts = _parts(tokens, channels)
-    if len(parts) > 1:
-        return _reduce_in_parts(array, bits, token_major, k, parts)
     figures, norms = np.empty((4, channels), np.float32), np.empty(tokens, np.float32)
     top_values, top_places = np.empty(k, np.float32), np.empty((2, k), np.int64)
-    median = _reduce_in_one_part(array, bits, token_major, _bin_shift(bits.size), figures, norms, top_values,
-                                 top_places)
-    return _reduction(figures, norms, median, top_values, top_places)
-
-
-def _reduction(figures: np.ndarray, norms: np.ndarray, median: int, top_values: np.ndarray,
-               top_places: np.ndarray) -> FusedReduction:
-    """The kernels' arrays as tensors, with as few tensor objects made as can be (each costs microseconds)."""
-    figures_tensor, places = torch.from_numpy(figures), torch.from_numpy(top_places)
-    median_tensor = torch.from_numpy(np.array(median, np.int32).view(np.float32))
+    median = _reduce(array, bits, token_major, _bin_shift(bits.size), figures, norms, top_values, top_places)
+    figures_tensor, places = torch.from_numpy(figures), torch.from_numpy(top_places)  # few tensor objects made:
+    median_tensor = torch.from_numpy(np.array(median, np.int32).view(np.float32))  # each costs microseconds
     return FusedReduction(figures_tensor[0], figures_tensor[1], figures_tensor[2], figures_tensor[3],
                           torch.from_numpy(norms), median_tensor, torch.from_numpy(top_values), places[0], places[1])
-
-
-def _reduce_in_parts(array: np.ndarray, bits: np.ndarray, token_major: bool, k: int,
-                     parts: List[Tuple[int, int]]) -> FusedReduction:
-    """The reduction of a map cut into token ranges that several threads read."""
-    channels, tokens = (array.shape[1], array.shape[0]) if token_major else array.shape
-    key_max = np.empty((len(parts), channels), np.int32)
-    key_min = np.empty((len(parts), channels), np.int32)
-    sums = np.empty((len(parts), channels), np.float64)
-    squares = np.empty(tokens, np.float64)
-    chunk = _token_major if token_major else _channel_major
-    zeros = sum(_run([lambda i=i, part=part: chunk(array, bits, part[0], part[1], key_max[i], key_min[i], sums[i],
-                                                   squares)
-                      for i, part in enumerate(parts)]))
-    figures = np.empty((4, channels), np.float32)  # minimum, maximum, max |x|, mean
-    figure_bits = figures.view(np.int32)
-    norms = np.empty(tokens, np.float32)
-    _combine(key_max, key_min, sums, squares, tokens, figure_bits[0], figure_bits[1], figure_bits[2], figures[3],
-             norms)
-    top_values, top_places = np.empty(k, np.float32), np.empty((2, k), np.int64)
-    _top_magnitudes(array, bits, token_major, figure_bits[2], top_values, top_places[0], top_places[1])
-    return _reduction(figures, norms, _median_bits(bits.reshape(-1), zeros), top_values, top_places)
-
-
-def _median_bits(flat_bits: np.ndarray, zeros: int) -> int:
-    """The bit pattern of the ceil(n/2)-th smallest |x| of the n values whose bits are ``flat_bits``, given
-    how many are zero: a histogram of the high bits, then a selection among the values of the one bin that
-    holds the answer (counts are exact, so how the map is split between threads cannot change them)."""
-    rank = (flat_bits.size + 1) // 2
-    if zeros >= rank:
-        return 0
-    shift = _bin_shift(flat_bits.size)
-    parts = _parts(flat_bits.size)
-    counts = np.empty((len(parts), _SUBHISTOGRAMS, 1 << (31 - shift)), np.int32)
-    if len(parts) == 1:
-        return int(_median_in_one_part(flat_bits, rank, shift, counts))
-    _run([lambda i=i, part=part: _histogram(flat_bits, *part, shift, counts[i]) for i, part in enumerate(parts)])
-    offsets = np.empty(len(parts) + 1, np.int64)
-    high, before = _find_bin(counts, rank, offsets)
-    chosen = np.empty(offsets[-1], np.int32)
-    _run([lambda i=i, part=part: _collect(flat_bits, *part, shift, high, chosen[offsets[i]:offsets[i + 1]])
-          for i, part in enumerate(parts)])
-    chosen.partition(rank - before - 1)
-    return int(chosen[rank - before - 1])
 
 
 def _bin_shift(size: int) -> int:
@@ -529,7 +426,6 @@ def compile_kernels() -> bool:
         reduce_map(values, 2)
         first_max_positions(values, torch.ones(3), torch.tensor(0.0))
         count_over(values, 0.5)
-    _median_bits(np.arange(1, 4 * CHUNK_VALUES, dtype=np.int32), 0)  # the parts' kernels of a large map
     for fmap in (torch.ones(1, 3, 4, 4), torch.ones(1, 4, 4, 3).permute(0, 3, 1, 2)):
         average_pool(fmap, (2, 2))
     return True
