@@ -33,6 +33,7 @@ __all__ = ['FusedReduction', 'fused_available', 'reduce_map', 'count_over', 'fir
 _FINEST_SHIFT = 17  # the median's histogram bins |x| by its bits >> 17 at most: 8 exponent, 6 mantissa bits
 _COARSEST_SHIFT = 25  # and >> 25 at least (64 bins), so that its counters never outweigh a small map
 _SUBHISTOGRAMS = 4  # independent counters for neighbouring values, so increments do not wait on each other
+_COLLECT_BLOCK = 64  # values the median's last pass counts at once before it copies any
 _POSITIVE_INFINITY_KEY = 0x7F800000
 _NEGATIVE_INFINITY_KEY = -0x7F800001  # the order key of -inf
 _POSITIVE_INFINITY_BITS = 0x7F800000
@@ -179,14 +180,24 @@ def _find_bin(counts, rank):
 
 @_jit
 def _collect(part, shift, high, chosen):
-    """chosen: every |x| bit pattern of ``part`` in bin ``high``, in memory order."""
+    """chosen: every |x| bit pattern of ``part`` in bin ``high``, in memory order.
+
+    The bin holds a few hundred values of a map, so most blocks of 64 hold none: a vectorized count over
+    each block decides whether it is read again value by value (a copy per value would not vectorize)."""
     shift, wanted = np.int32(shift), np.int32(high)
+    first_in_bin, bin_width = np.int32(high << shift), np.uint32((1 << shift) - 1)
     found = 0
-    for i in range(part.shape[0]):
-        magnitude = part[i] & _MAGNITUDE
-        if magnitude >> shift == wanted:
-            chosen[found] = magnitude
-            found += 1
+    for start in range(0, part.shape[0], _COLLECT_BLOCK):
+        block = part[start:start + _COLLECT_BLOCK]
+        in_bin = np.int32(0)
+        for i in range(block.shape[0]):
+            in_bin += np.int32(np.uint32((block[i] & _MAGNITUDE) - first_in_bin) <= bin_width)
+        if in_bin:
+            for i in range(block.shape[0]):
+                magnitude = block[i] & _MAGNITUDE
+                if magnitude >> shift == wanted:
+                    chosen[found] = magnitude
+                    found += 1
     return found
 
 

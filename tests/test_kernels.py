@@ -96,6 +96,24 @@ def test_a_median_among_subnormal_values_next_to_zeros():
     assert 0 < float(reduced.median_abs) < 1e-38
 
 
+@pytest.mark.parametrize('places', [(0, 63, 64, -1), (1, 127, 128, 191)])
+def test_the_median_s_bin_read_at_block_edges(places):
+    """The four values of the median's bin sit at the edges of the blocks the last pass skips or reads (the
+    first and last value of a block, the short last block); the rest lie many bins below or above."""
+    size = 64 * 50 + 13
+    values = np.full(size, 1e3, np.float32)
+    values[:size // 2 - 2] = 1e-6  # below the bin: the median is the third of the four
+    middle = np.nextafter(np.float32(1.0), np.float32(2.0)) ** np.arange(4, dtype=np.float32)
+    rest = np.setdiff1d(np.arange(size), np.array(places) % size)
+    values = np.concatenate([values[:size // 2 - 2], values[size // 2 + 2:]])  # (size - 4,)
+    np.random.default_rng(7).shuffle(values)
+    planted = np.empty(size, np.float32)
+    planted[rest], planted[np.array(places) % size] = values, -middle[::-1]
+    reduced = _check(torch.from_numpy(planted).reshape(1, -1))
+    assert float(reduced.median_abs) == sorted(middle)[2]
+    _check(torch.from_numpy(planted).reshape(-1, 1))
+
+
 def test_nan_infinities_and_signed_zeros_per_channel():
     values = torch.tensor([[1.0, float('nan'), -2.0, 0.5],
                            [-float('nan'), 3.0, -0.0, 0.0],
