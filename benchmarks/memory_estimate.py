@@ -30,7 +30,7 @@ from PIL import Image
 from skimage import data
 import t2t_viz
 from t2t_viz import zoo
-from t2t_viz.allocator import reuse_freed_memory
+from t2t_viz.allocator import MMAP_THRESHOLD_BYTES, batched_mmap_threshold, reuse_freed_memory
 from t2t_viz.attention import attention_rollout
 from t2t_viz.images import preprocess
 from t2t_viz.pipeline import inspect_images, memory_estimate, rollout_estimate
@@ -40,7 +40,7 @@ def rss():
         return int(f.read().split()[1]) * 4096
 
 name, size, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-reuse_freed_memory()
+reuse_freed_memory(batched_mmap_threshold(size) if mode == 'stats' else MMAP_THRESHOLD_BYTES)  # as the CLI, the app
 options = dict(dtype=torch.float16, max_side=128) if mode == 'app' else dict(keep_maps=False)
 image = Image.fromarray(data.astronaut())
 baseline = rss()

@@ -2,6 +2,7 @@
 --ray with two workers, against bare batched forward passes of the same models; peak memory per worker.
 
     python -m benchmarks.scale_out [--images 2000] [--models resnet50.tv_in1k ...] [--batch-size 8]
+                                   [--ways process shard ray] [--rounds 1]
 
 The folder comes from :mod:`benchmarks.imagenet_like`. Rates leave out process start and model loading:
 each way's time on the folder minus its time on one image. Two shard processes each get half the cores
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,6 +67,9 @@ def main() -> None:
     parser.add_argument('--images', type=int, default=2000)
     parser.add_argument('--models', nargs='+', default=list(zoo.PRESETS['paper']))
     parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--ways', nargs='+', choices=['process', 'shard', 'ray'], default=['process', 'shard', 'ray'],
+                        help='which ways to time (default: all three)')
+    parser.add_argument('--rounds', type=int, default=1, help='time every way this many times, alternately')
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
@@ -77,23 +82,32 @@ def main() -> None:
             common += ['--model', model]
         half = {**_ENV, 'OMP_NUM_THREADS': str(max(1, (os.cpu_count() or 2) // 2))}
         ways = {
-            '1 process': lambda images, out: _timed([[images, '-o', f'{out}.csv', *common]]),
-            '--shard x2, merged': lambda images, out: _merged(images, out, common, half),
-            '--ray, 2 workers': lambda images, out: _timed([[images, '-o', f'{out}.csv', *common, '--ray',
-                                                             '--ray-workers', '2']]),
+            'process': ('1 process', lambda images, out: _timed([[images, '-o', f'{out}.csv', *common]])),
+            'shard': ('--shard x2, merged', lambda images, out: _merged(images, out, common, half)),
+            'ray': ('--ray, 2 workers', lambda images, out: _timed([[images, '-o', f'{out}.csv', *common, '--ray',
+                                                                     '--ray-workers', '2']])),
         }
-        bare = _bare_rate(args.models, paths[:min(len(paths), 64)], args.batch_size)
         print(f'{len(paths)} JPEGs, {", ".join(args.models)} at 224, batch {args.batch_size}, '
-              f'{os.cpu_count()} cores')
-        print(f'bare batched forwards: {bare:.3f} images/s')
-        for way, run in ways.items():
-            startup, _, _ = run(str(one_image), str(folder / 'warm'))
-            elapsed, errors, peak = run(str(folder / 'images'), str(folder / 'out'))
-            rate = (len(paths) - 1) / (elapsed - startup)
-            workers = [line for error in errors for line in error.splitlines() if 'peak memory per worker' in line]
-            memory = workers[0].split(': ', 1)[1] if workers else f'{peak / 2**30:.2f} GiB (largest process)'
-            print(f'{way:<22}{rate:>8.3f} images/s = {rate / bare:.2f}x the bare forwards; peak memory per worker '
-                  f'{memory}', flush=True)
+              f'{os.cpu_count()} cores; each way against the bare forwards timed just before and just after it')
+        bare = _bare_rate(args.models, paths[:min(len(paths), 64)], args.batch_size)
+        ratios = {key: [] for key in args.ways}
+        for round_index in range(args.rounds):
+            for key in args.ways:
+                way, run = ways[key]
+                startup, _, _ = run(str(one_image), str(folder / 'warm'))
+                elapsed, errors, peak = run(str(folder / 'images'), str(folder / 'out'))
+                rate = (len(paths) - 1) / (elapsed - startup)
+                bare_before, bare = bare, _bare_rate(args.models, paths[:min(len(paths), 64)], args.batch_size)
+                reference = (bare_before + bare) / 2
+                ratios[key].append(rate / reference)
+                lines = [line for error in errors for line in error.splitlines() if 'peak memory per worker' in line]
+                memory = lines[0].split(': ', 1)[1] if lines else f'{peak / 2**30:.2f} GiB (largest process)'
+                print(f'round {round_index + 1}: {way:<20}{rate:>7.3f} images/s, bare {bare_before:.3f}-{bare:.3f}: '
+                      f'{rate / reference:.2f}x the bare forwards; peak memory per worker {memory}', flush=True)
+        if args.rounds > 1:
+            for key in args.ways:
+                print(f'{ways[key][0]:<20} median {statistics.median(ratios[key]):.2f}x the bare forwards '
+                      f'({", ".join(f"{r:.2f}" for r in ratios[key])})')
 
 
 def _merged(images: str, out: str, common, env) -> tuple:

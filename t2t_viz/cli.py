@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from . import __version__, zoo
-from .allocator import reuse_freed_memory
+from .allocator import batched_mmap_threshold, reuse_freed_memory
 from .cachefiles import cache_dir
 from .capture import REAL_FORWARD
 from .figure import DEFAULT_CHANNELS, DEFAULT_SIZE, Panel, compose, figure_layers, heading_for
@@ -257,6 +257,7 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
     shard = _parse_shard(args.shard)
     inputs = shard_inputs(paths, *shard)
     loaded = _load_models(args, _model_names(args))
+    reuse_freed_memory(batched_mmap_threshold(max(model.img_size for model in loaded.values())))
     batches = {}
     automatic = args.batch_size == AUTO_BATCH
     for name, model in loaded.items():

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 
 from . import zoo
+from .allocator import batched_mmap_threshold, reuse_freed_memory
 from .capture import REAL_FORWARD
 from .dataset import StatsRun, fitting_batch
 from .loading import prepared_batches, transforms_of
@@ -89,6 +90,7 @@ class _Worker:
         self.spec = spec
         self.models = {name: zoo.load(name, checkpoint=spec.checkpoints.get(name), img_size=spec.img_size,
                                       device=spec.device) for name in spec.models}
+        reuse_freed_memory(batched_mmap_threshold(max(model.img_size for model in self.models.values())))
 
     def run(self, inputs: List[str]) -> Tuple[bytes, bytes, str, int]:
         import ray

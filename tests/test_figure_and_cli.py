@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from t2t_viz import kernels, memory, pipeline, zoo
+from t2t_viz import allocator, kernels, memory, pipeline, zoo
 from t2t_viz.capture import Layer
 from t2t_viz.cli import main
 from t2t_viz.dataset import fitting_batch
@@ -88,6 +88,8 @@ def test_stats_with_both_procedures(cat, tmp_path):
     by_procedure = {p: [r for r in rows if r['procedure'] == p] for p in ('real_forward', 'paper_notebook')}
     assert len(by_procedure['real_forward']) == 21 and len(by_procedure['paper_notebook']) == 17
     assert {r['label'] for r in by_procedure['paper_notebook']} <= {r['label'] for r in by_procedure['real_forward']}
+    assert allocator._applied in (None, allocator.BATCHED_MMAP_THRESHOLD_BYTES)  # None without glibc: at 224 a
+    # batch's blocks of tens of MiB stay in the heap
 
 
 def test_batch_shrinks_to_fit_memory_or_is_refused(cat, tmp_path, monkeypatch, capsys):
@@ -102,6 +104,7 @@ def test_batch_shrinks_to_fit_memory_or_is_refused(cat, tmp_path, monkeypatch, c
     assert main(['stats', str(tmp_path), '--model', 't2t_vit_7', '--img-size', '448', '-o', str(out)]) == 0
     assert 'using batches of 2' in capsys.readouterr().err
     assert len(list(csv.DictReader(out.open()))) == 4 * 13
+    assert allocator._applied in (None, allocator.MMAP_THRESHOLD_BYTES)  # over 384: large blocks are unmapped
 
 
 def test_prepare_keeps_what_the_apps_first_start_needs(empty_cache_dir, monkeypatch, capsys):
