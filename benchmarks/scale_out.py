@@ -89,7 +89,8 @@ def main() -> None:
         }
         print(f'{len(paths)} JPEGs, {", ".join(args.models)} at 224, batch {args.batch_size}, '
               f'{os.cpu_count()} cores; each way against the bare forwards timed just before and just after it')
-        bare = _bare_rate(args.models, paths[:min(len(paths), 64)], args.batch_size)
+        bare_sample = paths[:64]  # the bare forwards' images, timed before the first way and after each
+        bare = _bare_rate(args.models, bare_sample, args.batch_size)
         ratios = {key: [] for key in args.ways}
         for round_index in range(args.rounds):
             for key in args.ways:
@@ -97,7 +98,7 @@ def main() -> None:
                 startup, _, _ = run(str(one_image), str(folder / 'warm'))
                 elapsed, errors, peak = run(str(folder / 'images'), str(folder / 'out'))
                 rate = (len(paths) - 1) / (elapsed - startup)
-                bare_before, bare = bare, _bare_rate(args.models, paths[:min(len(paths), 64)], args.batch_size)
+                bare_before, bare = bare, _bare_rate(args.models, bare_sample, args.batch_size)
                 reference = (bare_before + bare) / 2
                 ratios[key].append(rate / reference)
                 lines = [line for error in errors for line in error.splitlines() if 'peak memory per worker' in line]
