@@ -17,8 +17,8 @@ every one of them was a fresh mapping, faulted in page by page on every pass (12
 per ResNet50 batch, 73-95 ms per image against 59-60 ms under glibc's defaults). For inputs up to
 ``BATCHED_SIZES_UP_TO`` the statistics command therefore raises the threshold to 32 MiB, glibc's own ceiling
 for the threshold it adapts by default: those blocks are then reused whole, with no page faults, for at most
-11% more peak RSS (ResNet50 and T2T-ViT-24 at 224, ViT-L/16 at 384, batch 8). At 1024 the same setting raised T2T-ViT-24's peak RSS
-from 1.37 to 2.49 GiB, so larger inputs keep 4 MiB.
+11% more peak RSS (ResNet50 and T2T-ViT-24 at 224, ViT-L/16 at 384, batch 8). At 1024 the same setting
+raised T2T-ViT-24's peak RSS from 1.37 to 2.49 GiB, so larger inputs keep 4 MiB.
 
 The setting is process-wide, so the entry points (CLI, app, benchmarks) call :func:`reuse_freed_memory`;
 the library never changes it on import.
