@@ -34,6 +34,7 @@ _FINEST_SHIFT = 17  # the median's histogram bins |x| by its bits >> 17 at most:
 _COARSEST_SHIFT = 25  # and >> 25 at least (64 bins), so that its counters never outweigh a small map
 _SUBHISTOGRAMS = 4  # independent counters for neighbouring values, so increments do not wait on each other
 _COLLECT_BLOCK = 64  # values the median's last pass counts at once before it copies any
+_SUN_MIN_MAGNITUDE, _SUN_MEDIAN_FACTOR = 100.0, 1000.0  # as stats.SUN_MIN_MAGNITUDE, stats.SUN_MEDIAN_FACTOR
 _POSITIVE_INFINITY_KEY = 0x7F800000
 _NEGATIVE_INFINITY_KEY = -0x7F800001  # the order key of -inf
 _POSITIVE_INFINITY_BITS = 0x7F800000
@@ -57,10 +58,13 @@ class FusedReduction:
     max_abs: torch.Tensor  # (C,) float32, NaN where the channel holds a NaN
     mean: torch.Tensor  # (C,) float32, summed in float64
     token_norms: torch.Tensor  # (N,) float32, squares summed in float64
-    median_abs: torch.Tensor  # () float32, exact lower median of |x|
     top_values: torch.Tensor  # (k,) float32 signed values of the k largest |x|, largest first
+    median_abs: torch.Tensor  # () float32, exact lower median of |x|
+    median_token_norm: torch.Tensor  # () float32, exact lower median of the token norms
+    max_token_norm: torch.Tensor  # () float32
     top_channels: torch.Tensor  # (k,) int64
     top_positions: torch.Tensor  # (k,) int64
+    sun_massive: torch.Tensor  # () int64 values with |x| > max(100, 1000 x median |x|)
 
 
 def fused_available() -> bool:
@@ -246,11 +250,43 @@ def _median_bits(flat_bits, rank, shift):
 
 
 @_jit
-def _reduce(array, bits, token_major, shift, figures, norms, top_values, top_places):
-    """Every figure of a map in one call (each call from Python costs microseconds): figures (4, C) float32
-    minimum, maximum, max |x| and mean per channel, norms (N,) token norms, the k largest |x| in top_values
-    (k,) with their (channel, position) in top_places (2, k); returns the median's bits."""
-    channels, tokens = figures.shape[1], norms.shape[0]
+def _bin_shift(size):
+    """The histogram's bits shift for ``size`` values: as many bins as keep its counters (4 bytes x 4
+    sub-histograms each) under ``size`` bytes, between 64 and 16,384 bins."""
+    log_bins = 0
+    while (2 << log_bins) <= size // (4 * _SUBHISTOGRAMS):
+        log_bins += 1
+    return min(_COARSEST_SHIFT, max(_FINEST_SHIFT, 31 - log_bins))
+
+
+@_jit
+def _sun_count(flat_bits, median, largest):
+    """Values with |x| over Sun et al.'s bar max(100, 1000 x median) (float32; NaN when the median is),
+    counted only when the ``largest`` |x| is over it."""
+    bar = median * np.float32(_SUN_MEDIAN_FACTOR)
+    if bar < np.float32(_SUN_MIN_MAGNITUDE):
+        bar = np.float32(_SUN_MIN_MAGNITUDE)
+    if not largest > bar:
+        return 0
+    box = np.empty(1, np.float32)
+    box[0] = bar
+    return _count_over(flat_bits, box.view(np.int32)[0])
+
+
+@_jit
+def _reduce(array, token_major, floats, ints):
+    """Every figure of a map in one call (each call from Python costs microseconds).
+
+    floats (4 C + N + k + 3,) float32: minimum, maximum, max |x| and mean per channel, the N token norms, the
+    k largest |x| (signed), then median |x|, median token norm, max token norm; ints (2 k + 1,) int64: the
+    top activations' channels, their positions, then the count of Sun et al.'s massive activations."""
+    bits = array.view(np.int32)
+    channels, tokens = (array.shape[1], array.shape[0]) if token_major else (array.shape[0], array.shape[1])
+    k = (ints.shape[0] - 1) // 2
+    figures = floats[:4 * channels].reshape((4, channels))
+    norms = floats[4 * channels:4 * channels + tokens]
+    top_values = floats[4 * channels + tokens:4 * channels + tokens + k]
+    scalar_bits = floats[4 * channels + tokens + k:].view(np.int32)  # (3,)
     key_max, key_min = np.empty(channels, np.int32), np.empty(channels, np.int32)
     sums, squares = np.empty(channels, np.float64), np.empty(tokens, np.float64)
     if token_major:
@@ -260,12 +296,18 @@ def _reduce(array, bits, token_major, shift, figures, norms, top_values, top_pla
     figure_bits = figures.view(np.int32)
     _combine(key_max, key_min, sums, squares, tokens, figure_bits[0], figure_bits[1], figure_bits[2], figures[3],
              norms)
-    _top_magnitudes(array, bits, token_major, figure_bits[2], top_values, top_places[0], top_places[1])
+    _top_magnitudes(array, bits, token_major, figure_bits[2], top_values, ints[:k], ints[k:2 * k])
     flat_bits = bits.reshape(-1)
     rank = (flat_bits.shape[0] + 1) // 2
-    if zeros >= rank:
-        return np.int32(0)
-    return _median_bits(flat_bits, rank, shift)
+    scalar_bits[0] = 0 if zeros >= rank else _median_bits(flat_bits, rank, _bin_shift(flat_bits.shape[0]))
+    norm_bits = norms.view(np.int32)
+    scalar_bits[1] = _median_bits(norm_bits, (tokens + 1) // 2, _bin_shift(tokens))
+    largest = np.int32(0)
+    for n in range(tokens):
+        largest = max(largest, norm_bits[n] & _MAGNITUDE)  # a NaN's pattern is over every number's
+    scalar_bits[2] = largest
+    median = floats[4 * channels + tokens + k]
+    ints[2 * k] = _sun_count(flat_bits, median, abs(top_values[0]))
 
 
 @_jit
@@ -397,22 +439,16 @@ def reduce_map(values: torch.Tensor, top_k: int) -> Optional[FusedReduction]:
     channels, tokens = values.shape
     token_major = layout == 'token_major'
     array = (values.t() if token_major else values).numpy()  # C-contiguous (N, C) or (C, N)
-    bits = array.view(np.int32)
     k = min(top_k, values.numel())
-    figures, norms = np.empty((4, channels), np.float32), np.empty(tokens, np.float32)
-    top_values, top_places = np.empty(k, np.float32), np.empty((2, k), np.int64)
-    median = _reduce(array, bits, token_major, _bin_shift(bits.size), figures, norms, top_values, top_places)
-    figures_tensor, places = torch.from_numpy(figures), torch.from_numpy(top_places)  # few tensor objects made:
-    median_tensor = torch.from_numpy(np.array(median, np.int32).view(np.float32))  # each costs microseconds
-    return FusedReduction(figures_tensor[0], figures_tensor[1], figures_tensor[2], figures_tensor[3],
-                          torch.from_numpy(norms), median_tensor, torch.from_numpy(top_values), places[0], places[1])
-
-
-def _bin_shift(size: int) -> int:
-    """The histogram's bits shift for a map of ``size`` values: as many bins as keep its counters (4 bytes
-    x 4 sub-histograms each) under ``size`` bytes, between 64 and 16,384 bins."""
-    bins = 1 << max(0, (size // (4 * _SUBHISTOGRAMS)).bit_length() - 1)
-    return min(_COARSEST_SHIFT, max(_FINEST_SHIFT, 31 - (bins.bit_length() - 1)))
+    floats, ints = np.empty(4 * channels + tokens + k + 3, np.float32), np.empty(2 * k + 1, np.int64)
+    _reduce(array, token_major, floats, ints)
+    # tensors made from NumPy views: a NumPy slice and torch.from_numpy cost less than splitting a tensor
+    parts = [torch.from_numpy(floats[start:start + channels]) for start in range(0, 4 * channels, channels)]
+    norms = torch.from_numpy(floats[4 * channels:4 * channels + tokens])  # (N,)
+    top_values = torch.from_numpy(floats[4 * channels + tokens:floats.size - 3])  # (k,)
+    scalars = [torch.from_numpy(floats[i:i + 1].reshape(())) for i in range(floats.size - 3, floats.size)]
+    return FusedReduction(*parts, norms, top_values, *scalars, torch.from_numpy(ints[:k]),
+                          torch.from_numpy(ints[k:2 * k]), torch.from_numpy(ints[2 * k:].reshape(())))
 
 
 def first_max_positions(values: torch.Tensor, maximum: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:

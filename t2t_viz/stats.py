@@ -129,6 +129,8 @@ class LayerStats:
     top_positions: torch.Tensor  # (k,) their positions, row * W + col
     median_abs: torch.Tensor  # () exact median |x| of the layer (see kth_smallest_abs)
     sun_massive: torch.Tensor  # () activations with |x| > max(100, 1000 x median |x|)
+    median_token_norm: torch.Tensor  # () the lower median of token_norms
+    max_token_norm: torch.Tensor  # () the largest of token_norms (NaN when one is)
     prefix: Optional[PrefixStats] = None  # None for layers without prefix tokens
     max_positions: Optional[torch.Tensor] = None  # (C,) int64 where each channel's maximum is, -1 where not asked
 
@@ -299,35 +301,39 @@ def layer_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None, top_k
     """
     values = fmap.reshape(fmap.shape[0], -1).float()  # (C, N)
     fused = reduce_map(values, top_k)
+    if fused is not None:  # the fused kernels' results, already on the CPU
+        positions = None if position_floor is None else first_max_positions(values, fused.maximum, position_floor)
+        prefix_stats = None
+        if prefix is not None and prefix.shape[0]:
+            prefix_stats = _prefix_stats(prefix, float(_sun_bar(fused.median_abs)))
+        return LayerStats(ChannelStats(fused.max_abs, fused.mean, fused.minimum, fused.maximum),
+                          fused.token_norms.reshape(fmap.shape[1:]), fused.top_values, fused.top_channels,
+                          fused.top_positions, fused.median_abs, fused.sun_massive, fused.median_token_norm,
+                          fused.max_token_norm, prefix_stats, positions)
+    # another device, or no numba: PyTorch's reductions, one statistic at a time
+    channels = channel_stats(fmap)
+    token_norms = (values * values).sum(dim=0).sqrt()  # (N,)
+    top_values, top_channels, top_positions = _top_activations(values, channels.max_abs, top_k)
+    nonnegative = not values.is_meta and bool(channels.minimum.min() >= 0)  # a ReLU's output
+    median_abs = _median_abs(values, nonnegative)
+    threshold = _sun_bar(median_abs)
+    sun_massive = _sun_count(_flat(values), threshold, top_values.abs().max())
     positions = None
-    if fused is None:  # another device, or no numba: PyTorch's reductions, one statistic at a time
-        channels = channel_stats(fmap)
-        token_norms = (values * values).sum(dim=0).sqrt().reshape(fmap.shape[1:])  # (H, W)
-        top_values, top_channels, top_positions = _top_activations(values, channels.max_abs, top_k)
-        nonnegative = not values.is_meta and bool(channels.minimum.min() >= 0)  # a ReLU's output
-        median_abs = _median_abs(values, nonnegative)
-        threshold = _sun_bar(median_abs)
-        sun_massive = _sun_count(_flat(values), threshold, top_values.abs().max())
-        if position_floor is not None:
-            positions = _host(max_positions(values, channels.maximum, position_floor))
-        channels = ChannelStats(*map(_host, (channels.max_abs, channels.mean, channels.minimum, channels.maximum)))
-        token_norms, top_values, top_channels, top_positions, median_abs, sun_massive = map(
-            _host, (token_norms, top_values, top_channels, top_positions, median_abs, sun_massive))
-    else:  # the fused kernels' results, already on the CPU
-        channels = ChannelStats(fused.max_abs, fused.mean, fused.minimum, fused.maximum)
-        token_norms, median_abs = fused.token_norms.reshape(fmap.shape[1:]), fused.median_abs
-        top_values, top_channels, top_positions = fused.top_values, fused.top_channels, fused.top_positions
-        threshold = _sun_bar(median_abs)
-        bar = float(threshold)  # counted only when the largest |x| (the first top activation) is over the bar
-        sun_massive = torch.tensor(count_over(values, bar) if abs(float(top_values[0])) > bar else 0)
-        if position_floor is not None:
-            positions = first_max_positions(values, channels.maximum, position_floor)
+    if position_floor is not None:
+        positions = _host(max_positions(values, channels.maximum, position_floor))
+    if values.is_meta:  # shape-only
+        median_norm, max_norm = token_norms.amax(), token_norms.amax()
+    else:
+        norms = _host(token_norms).numpy()
+        median_norm, max_norm = (torch.full((), float(value)) for value in (_lower_median(norms), norms.max()))
     prefix_stats = None if prefix is None or not prefix.shape[0] else _prefix_stats(prefix, threshold)
     if prefix_stats is not None:
         prefix_stats = PrefixStats(*map(_host, (prefix_stats.max_abs, prefix_stats.max_abs_channel,
                                                prefix_stats.norms, prefix_stats.sun_massive)))
-    return LayerStats(channels, token_norms, top_values, top_channels, top_positions, median_abs, sun_massive,
-                      prefix=prefix_stats, max_positions=positions)
+    channels = ChannelStats(*map(_host, (channels.max_abs, channels.mean, channels.minimum, channels.maximum)))
+    return LayerStats(channels, *map(_host, (token_norms.reshape(fmap.shape[1:]), top_values, top_channels,
+                                             top_positions, median_abs, sun_massive)),
+                      median_norm, max_norm, prefix_stats, positions)
 
 
 def _sun_bar(median_abs: torch.Tensor) -> torch.Tensor:
@@ -467,8 +473,7 @@ def summarize(layer: Layer, thresholds: Thresholds = Thresholds()) -> LayerSumma
     top = [TopActivation(float(value), int(channel), int(position) // width, int(position) % width)
            for value, channel, position in zip(reduced.top_values.tolist(), reduced.top_channels.tolist(),
                                                reduced.top_positions.tolist())]
-    norms = reduced.token_norms.numpy().reshape(-1)  # (H * W,)
-    median_norm = float(_lower_median(norms))
+    median_norm = float(reduced.median_token_norm)
     high_norm_bar = thresholds.high_norm_factor * median_norm
     prefix = []
     if reduced.prefix is not None:
@@ -481,8 +486,8 @@ def summarize(layer: Layer, thresholds: Thresholds = Thresholds()) -> LayerSumma
         width=width, channels=layer.channels, dead_ids=_ids(flags['dead']), flat_ids=_ids(flags['flat']),
         massive_ids=_ids(flags['massive']), stats=reduced.channels, token_norms=reduced.token_norms, top=top,
         median_abs=float(reduced.median_abs), sun_massive=int(reduced.sun_massive),
-        median_token_norm=median_norm, max_token_norm=float(norms.max()),
-        high_norm_tokens=int(np.count_nonzero(norms > high_norm_bar)),
+        median_token_norm=median_norm, max_token_norm=float(reduced.max_token_norm),
+        high_norm_tokens=int(np.count_nonzero(reduced.token_norms.numpy() > high_norm_bar)),
         high_norm_factor=thresholds.high_norm_factor, prefix=prefix)
 
 

@@ -36,6 +36,12 @@ def _check(values: torch.Tensor, k: int = 5) -> kernels.FusedReduction:
     for name in ('mean', 'token_norms'):  # float64 sums, rounded once: at most one float32 step apart
         np.testing.assert_allclose(getattr(reduced, name).numpy(), expected[name], rtol=2.5e-7, atol=1e-30,
                                    err_msg=name)
+    norms = reduced.token_norms.numpy()  # the token norms' figures are those of the norms the kernel gives
+    middle = (norms.size - 1) // 2
+    assert reduced.median_token_norm.item() == np.partition(norms, middle)[middle]
+    assert reduced.max_token_norm.item() == norms.max()
+    bar = max(np.float32(100), np.float32(1000) * expected['median_abs'])
+    assert reduced.sun_massive.item() == np.count_nonzero(np.abs(values.contiguous().numpy()) > bar)
     return reduced
 
 
@@ -128,6 +134,8 @@ def test_nan_infinities_and_signed_zeros_per_channel():
     torch.testing.assert_close(reduced.minimum, values.amin(dim=1), equal_nan=True, rtol=0, atol=0)
     assert torch.isnan(reduced.max_abs[[0, 1, 5, 6]]).all()
     assert reduced.max_abs[2:5].tolist() == [float('inf'), 0.0, float('inf')]
+    assert torch.isnan(reduced.token_norms[:2]).all() and torch.isnan(reduced.max_token_norm)  # NaN at 0 and 1
+    assert reduced.median_token_norm.item() == reduced.token_norms[2:].max().item()  # NaNs rank above numbers
 
 
 def test_top_activations_break_ties_by_channel_then_position():
@@ -214,7 +222,7 @@ def test_compiling_once_fills_numba_s_cache_for_later_processes(tmp_path):
     result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
     assert result.stdout.strip() == 'True', result.stderr[-2000:]
     cached = {path.name.split('.')[1] for path in tmp_path.rglob('kernels.*.nbi')}  # kernels.<function>-<line>.nbi
-    names = {'_reduce', '_channel_major', '_token_major', '_combine', '_median_bits', '_histogram', '_find_bin',
+    names = {'_reduce', '_bin_shift', '_sun_count', '_channel_major', '_token_major', '_combine', '_median_bits', '_histogram', '_find_bin',
              '_collect', '_top_magnitudes', '_first_maxima', '_count_over', '_pool_channels', '_pool_tokens'}
     assert names <= {name.rsplit('-', 1)[0] for name in cached}, cached
 
