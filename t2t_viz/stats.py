@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .capture import REAL_FORWARD, Layer
-from .kernels import count_over, first_max_positions, reduce_map
+from .kernels import first_max_positions, reduce_map
 
 __all__ = ['Thresholds', 'ChannelStats', 'LayerStats', 'PrefixStats', 'LayerSummary', 'PrefixToken',
            'TopActivation', 'channel_stats', 'layer_stats', 'max_positions', 'kth_smallest_abs', 'summarize',

@@ -222,8 +222,9 @@ def test_compiling_once_fills_numba_s_cache_for_later_processes(tmp_path):
     result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
     assert result.stdout.strip() == 'True', result.stderr[-2000:]
     cached = {path.name.split('.')[1] for path in tmp_path.rglob('kernels.*.nbi')}  # kernels.<function>-<line>.nbi
-    names = {'_reduce', '_bin_shift', '_sun_count', '_channel_major', '_token_major', '_combine', '_median_bits', '_histogram', '_find_bin',
-             '_collect', '_top_magnitudes', '_first_maxima', '_count_over', '_pool_channels', '_pool_tokens'}
+    names = {'_reduce', '_bin_shift', '_sun_count', '_channel_major', '_token_major', '_combine', '_median_bits',
+             '_histogram', '_find_bin', '_collect', '_top_magnitudes', '_first_maxima', '_count_over',
+             '_pool_channels', '_pool_tokens'}
     assert names <= {name.rsplit('-', 1)[0] for name in cached}, cached
 
 
