@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 import re
 import threading
 import weakref
@@ -188,14 +189,14 @@ class Recorder:
         kept = None
         if self.keep_maps:
             shares_output = fmap.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
-            kept = self._keep(fmap, shares_output and point.written_later)
+            kept = self._keep(fmap, shares_output and point.written_later, reduced)
         self.outputs.append((point, tuple(fmap.shape[1:]), kept, reduced))
         if self.progress:
             self.progress(len(self.outputs), len(self.points))
         if point.module_name == self.stop_after:
             raise StopForward
 
-    def _keep(self, fmap: torch.Tensor, must_copy: bool) -> torch.Tensor:
+    def _keep(self, fmap: torch.Tensor, must_copy: bool, reduced: List[Any]) -> torch.Tensor:
         fmap = fmap.detach()
         height, width = fmap.shape[-2:]
         if self.max_side and max(height, width) > self.max_side:
@@ -207,7 +208,8 @@ class Recorder:
         # in-place ops cannot change what was recorded; maps already rebuilt from tokens are not copied twice
         half = self.dtype == torch.float16
         kept = fmap.to(device=_host(fmap), dtype=self.dtype, copy=must_copy or half)
-        if half and _beyond_float16(kept):  # values beyond float16's range became inf: clamped in the copy
+        if half and (kept.is_meta or not _within_float16(reduced)) and _beyond_float16(kept):
+            # values beyond float16's range became inf: clamped in the copy
             kept.clamp_(-FLOAT16_MAX, FLOAT16_MAX)
         return kept
 
@@ -222,6 +224,12 @@ class Recorder:
             image = x[i].to(_host(x), torch.float16) if self.keep_maps else None
             captures.append(Capture(layers, image_logits, image, procedure))
         return captures
+
+
+def _within_float16(reduced: List[Any]) -> bool:
+    """Whether every image's reduction says its map's |x| is within float16's range (a ``largest_magnitude``,
+    as :class:`t2t_viz.stats.LayerStats` gives), so that the float16 copy need not be read to find out."""
+    return all(float(getattr(image, 'largest_magnitude', math.inf)) <= FLOAT16_MAX for image in reduced)
 
 
 def _beyond_float16(kept: torch.Tensor) -> bool:

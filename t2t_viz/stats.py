@@ -134,6 +134,11 @@ class LayerStats:
     prefix: Optional[PrefixStats] = None  # None for layers without prefix tokens
     max_positions: Optional[torch.Tensor] = None  # (C,) int64 where each channel's maximum is, -1 where not asked
 
+    @property
+    def largest_magnitude(self) -> torch.Tensor:
+        """() the map's largest |x| (NaN when it holds a NaN)."""
+        return self.channels.max_abs.max()
+
 
 def _count(mask: torch.Tensor) -> int:
     return int(torch.count_nonzero(mask))

@@ -124,9 +124,11 @@ def test_cli_refuses_the_notebook_procedure_for_other_families(tmp_path, chelsea
         assert error.splitlines()[-1].startswith('error: efficientnet_b0: the paper') and 'Traceback' not in error
 
 
-def test_float16_display_copies_clamp_only_values_beyond_its_range(cloned_outputs):
+@pytest.mark.parametrize('reduce', [None, layer_stats])
+def test_float16_display_copies_clamp_only_values_beyond_its_range(cloned_outputs, reduce):
     """Kept float16 maps: values past 65504 become +-65504 instead of inf; a map in range is the plain
-    conversion; NaN stays NaN beside a clamped infinity."""
+    conversion; NaN stays NaN beside a clamped infinity. With statistics (as the app captures), their largest
+    |x| decides whether the copy is read again: the same copies either way."""
     torch.manual_seed(0)
     model = timm.create_model('resnet18', pretrained=False, num_classes=10).eval()
     x = torch.randn(1, 3, 64, 64)
@@ -135,16 +137,20 @@ def test_float16_display_copies_clamp_only_values_beyond_its_range(cloned_output
     with torch.no_grad():
         model.conv1.weight.mul_(1e6)  # act1 far beyond float16's range; later layers are batch-normed back
     huge = cloned_outputs(model, x, ['act1'])['act1'][0]
-    layers = {layer.name: layer for layer in capture.run(model, x, dtype=torch.float16)[0].layers}
+    layers = {layer.name: layer for layer in capture.run(model, x, dtype=torch.float16, reduce=reduce)[0].layers}
     kept = layers['act1'].fmap
     assert float(huge.max()) > 1e6 and not torch.isinf(kept).any() and float(kept.max()) == 65504.0
     assert torch.equal(kept, huge.half().clamp(-65504, 65504))
     with torch.no_grad():
         model.conv1.weight.copy_(original)
-    in_range = {layer.name: layer for layer in capture.run(model, x, dtype=torch.float16)[0].layers}
+    in_range = {layer.name: layer for layer in capture.run(model, x, dtype=torch.float16, reduce=reduce)[0].layers}
     assert torch.equal(in_range['layer1.0.act1'].fmap, reference['layer1.0.act1'][0].half())
     mixed = torch.tensor([[[1e6, float('nan'), -1e6]]])
     assert capture._beyond_float16(mixed.half()) and not capture._beyond_float16(torch.tensor([[[65504.0]]]).half())
+    assert capture._within_float16([layer_stats(torch.tensor([[[65504.0, -3.0]]]))] * 2)
+    assert not capture._within_float16([layer_stats(torch.tensor([[[1.0, -70000.0]]]))])
+    assert not capture._within_float16([layer_stats(torch.tensor([[[1.0, float('nan')]]]))])
+    assert not capture._within_float16([None])  # no statistics: the copy is read
 
 
 class _CappedReLU(torch.nn.ReLU):
