@@ -5,7 +5,9 @@ several more; on a ResNet, whose forward pass is cheap next to its maps' size, t
 forward itself. Here one read of the map gives every per-channel figure, the token norms and the count of
 zeros; when zeros are not half the map, a second read counts |x| into bins by the high bits of its float32
 pattern and a third collects the values of the one bin that holds the median, which a selection picks:
-exact, with no sort, no copy of the map and counters no larger than the map.
+exact, with no sort, no copy of the map and counters no larger than the map. The same call takes the token
+norms' median (by the same selection) and maximum, and counts Sun et al.'s massive activations when the
+largest |x| is over their bar.
 
 Works on float32 maps seen as (C, N) in either memory layout a capture produces: channel-major (a CNN's
 (C, H, W) map) or token-major (a ViT's (N, C) tokens). Every kernel runs on the calling thread, in one call

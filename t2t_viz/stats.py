@@ -82,13 +82,15 @@ class ChannelStats:
 
         In float32, as the statistics are; NumPy, because a handful of operations on a few hundred values
         cost PyTorch's dispatch more than the arithmetic (this runs for every layer of every image)."""
-        max_abs, minimum, maximum = (t.numpy() for t in (self.max_abs, self.minimum, self.maximum))
+        max_abs = self.max_abs.numpy()
         dead = max_abs <= np.float32(thresholds.dead_atol)
-        flat = ~dead & (maximum - minimum <= np.float32(thresholds.flat_atol) * np.maximum(max_abs, np.float32(1)))
-        live = max_abs[~dead]  # (live,)
-        massive = np.zeros_like(dead)
-        if live.size:
-            massive = ~dead & (max_abs > np.float32(thresholds.massive_factor) * _lower_median(live))
+        live = ~dead
+        spread = self.maximum.numpy() - self.minimum.numpy()
+        flat = live & (spread <= np.float32(thresholds.flat_atol) * np.maximum(max_abs, np.float32(1)))
+        live_max_abs = max_abs[live]  # (live,)
+        if not live_max_abs.size:
+            return {'dead': dead, 'flat': flat, 'massive': np.zeros_like(dead)}
+        massive = live & (max_abs > np.float32(thresholds.massive_factor) * _lower_median(live_max_abs))
         return {'dead': dead, 'flat': flat, 'massive': massive}
 
 
@@ -366,7 +368,7 @@ class PrefixToken:
 
 
 def _ids(mask: np.ndarray) -> List[int]:
-    return np.flatnonzero(mask).tolist()
+    return mask.nonzero()[0].tolist()  # mask (C,)
 
 
 def _ratio(largest: float, median: float) -> float:
