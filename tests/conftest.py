@@ -41,7 +41,8 @@ def chelsea():
 
 
 def _cloned_outputs(model: torch.nn.Module, x: torch.Tensor, names) -> dict:
-    """Reference outputs: each named module's output cloned the moment it is produced, in one pass of ``x``."""
+    """Reference outputs: each named module's output cloned the moment it is produced, in one pass of ``x``;
+    the keys are in the order the modules returned."""
     outputs, modules = {}, dict(model.named_modules())
     handles = [modules[name].register_forward_hook(
         lambda module, inputs, output, name=name: outputs.__setitem__(name, output.detach().clone()))
