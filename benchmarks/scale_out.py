@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -37,12 +37,21 @@ def _stats(arguments, env=None) -> subprocess.Popen:
 
 
 def _timed(arguments_list, env=None) -> tuple:
-    """Seconds for processes started together to finish, their stderr, and the largest child peak RSS."""
+    """Seconds for processes started together to finish, their stderr, and the largest peak RSS among them
+    (each process's own, from ``wait4``: ``RUSAGE_CHILDREN`` would also count the processes of earlier ways)."""
     start = time.perf_counter()
     processes = [_stats(arguments, env) for arguments in arguments_list]
-    errors = [process.communicate()[1] for process in processes]
-    elapsed = time.perf_counter() - start
-    return elapsed, errors, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    with ThreadPoolExecutor(len(processes)) as pool:  # read every stderr at once, so that no pipe fills up
+        errors = list(pool.map(lambda process: process.stderr.read(), processes))
+    peaks = []
+    for process, error in zip(processes, errors):
+        process.stderr.close()
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode:
+            raise SystemExit(f'{" ".join(process.args)} failed ({process.returncode}):\n{error[-2000:]}')
+        peaks.append(usage.ru_maxrss * 1024)
+    return time.perf_counter() - start, errors, max(peaks)
 
 
 def _bare_rate(models, paths, batch_size: int) -> float:

@@ -113,6 +113,15 @@ def test_upload_memory():
     assert 'growth after the third upload' in out
 
 
+def test_scale_out_every_way():
+    out = _run_benchmark('scale_out', '--images', '3', '--models', 'resnet18', '--batch-size', '2')
+    # a few images: a rate is the difference of two runs dominated by start-up, and may come out negative
+    way = r'^round 1: {}\s+-?[\d.]+ images/s, bare [\d.]+-[\d.]+: -?[\d.]+x the bare forwards; peak memory per worker '
+    assert re.search(way.format('1 process') + r'[\d.]+ GiB \(largest process\)$', out, re.M), out
+    assert re.search(way.format(r'--shard x2, merged') + r'[\d.]+ GiB \(largest process\)$', out, re.M), out
+    assert re.search(way.format(r'--ray, 2 workers') + r'[\d.]+ [MG]iB(, [\d.]+ [MG]iB)*$', out, re.M), out
+
+
 @needs_chromium
 def test_dataset_throughput():
     out = _run_benchmark('dataset_throughput', '--images', '12', '--models', 'resnet18')  # more than start-up noise
