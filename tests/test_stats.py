@@ -366,3 +366,20 @@ def test_a_prefix_token_exactly_at_the_high_norm_bar_is_not_high_norm():
     summary = summarize(Layer('x', 'block', 0, fmap, stats=layer_stats(fmap, prefix)))
     assert [token.high_norm for token in summary.prefix] == [False, True]
     assert summarize(Layer('x', 'block', 0, fmap)).prefix == []
+
+
+@pytest.mark.parametrize('token_major', [False, True])
+def test_channel_maxima_are_located_where_they_reach_the_floor_at_1024(token_major):
+    """ViT-L/16 at 1024 (1024 channels x 64 x 64 tokens), as (C, H, W) or as a view of (N, C) tokens."""
+    generator = torch.Generator().manual_seed(3)
+    values = torch.rand(1024, 64 * 64, generator=generator)  # (C, N)
+    planted = torch.randint(0, 64 * 64, (1024,), generator=generator)
+    values[torch.arange(1024), planted] = 2.0 + torch.arange(1024) / 1024
+    fmap = (values.t().contiguous().t() if token_major else values).reshape(1024, 64, 64)
+    assert fmap.is_contiguous() != token_major
+    floor = torch.full((1024,), 2.75)
+    located = layer_stats(fmap, position_floor=floor).max_positions
+    reaching = torch.from_numpy(values.numpy().max(axis=1) >= 2.75)
+    assert reaching.sum() == 256
+    assert torch.equal(located[reaching], planted[reaching]) and (located[~reaching] == -1).all()
+    assert layer_stats(fmap).max_positions is None
