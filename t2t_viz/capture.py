@@ -158,7 +158,7 @@ class Recorder:
     ``reduce(fmap, prefix)`` gets each image's full (C, H, W) map and its (P, C) prefix tokens (None for
     points without them); a ``reduce`` with a ``for_point(point)`` method gives the function for each point.
     A point known to repeat the previous point's output (a timm ResNet stage's output is its last ReLU's
-    output, untouched in between) reuses that reduction when it is the very same tensor.
+    output, untouched in between) reuses that reduction and that kept map when it is the very same tensor.
     """
 
     def __init__(self, points: Sequence[Point], dtype: torch.dtype = torch.float32, max_side: Optional[int] = None,
@@ -168,28 +168,28 @@ class Recorder:
         self.dtype, self.max_side, self.keep_maps, self.reduce = dtype, max_side, keep_maps, reduce
         self.progress, self.stop_after = progress, stop_after
         self.outputs: List[Tuple[Point, Tuple[int, int, int], Optional[torch.Tensor], List[Any]]] = []
-        self._last_reduced: Optional[Tuple[weakref.ref, List[Any]]] = None
+        self._last: Optional[Tuple[weakref.ref, List[Any], Optional[torch.Tensor]]] = None  # output, reduced, kept
 
     def _reduced(self, point: Point, output: torch.Tensor, fmap: torch.Tensor) -> List[Any]:
         if not self.reduce:
             return [None] * fmap.shape[0]
-        last = self._last_reduced
-        if point.repeats_previous and last is not None and last[0]() is output:
-            return last[1]
         prefix = output[:, :point.prefix] if point.prefix else None  # (B, P, C)
         for_point = getattr(self.reduce, 'for_point', None)
         reduce = for_point(point) if for_point else self.reduce
-        reduced = [reduce(fmap[i], None if prefix is None else prefix[i]) for i in range(fmap.shape[0])]
-        self._last_reduced = (weakref.ref(output), reduced)
-        return reduced
+        return [reduce(fmap[i], None if prefix is None else prefix[i]) for i in range(fmap.shape[0])]
 
     def record(self, point: Point, output: torch.Tensor) -> None:
         fmap = point.to_map(output)  # (B, C, H, W)
-        reduced = self._reduced(point, output, fmap)
-        kept = None
-        if self.keep_maps:
-            shares_output = fmap.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
-            kept = self._keep(fmap, shares_output and point.written_later, reduced)
+        last = self._last
+        if point.repeats_previous and last is not None and last[0]() is output:
+            reduced, kept = last[1], last[2]  # the previous point's very output, unchanged since: same records
+        else:
+            reduced = self._reduced(point, output, fmap)
+            kept = None
+            if self.keep_maps:
+                shares_output = fmap.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
+                kept = self._keep(fmap, shares_output and point.written_later, reduced)
+        self._last = (weakref.ref(output), reduced, kept)
         self.outputs.append((point, tuple(fmap.shape[1:]), kept, reduced))
         if self.progress:
             self.progress(len(self.outputs), len(self.points))

@@ -25,15 +25,41 @@ def test_stopping_early_keeps_every_requested_layer():
     assert captured.logits is None
 
 
-def test_a_stage_reuses_its_last_relus_statistics_only_when_it_is_that_very_output(cloned_outputs):
+def _storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def test_a_stage_reuses_its_last_relus_records_only_when_it_is_that_very_output(cloned_outputs):
+    """Statistics and display copy (float16, pooled where over 16 pixels) made once for both points."""
     model = timm.create_model('resnet18').eval()
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, 128, 128)
     calls = []
-    layers = capture.run(model, x, reduce=lambda fmap, prefix: calls.append(fmap.shape) or layer_stats(fmap))[0]
+
+    def reduce(fmap, prefix):
+        calls.append(fmap.shape)
+        return layer_stats(fmap)
+
+    def run():
+        return capture.run(model, x, dtype=torch.float16, max_side=16, reduce=reduce)[0]
+
+    layers = run()
     assert len(calls) == len(layers.layers) - 4  # the four stage outputs are their last ReLUs' outputs
-    stage, last_relu = layers.layer('layer2'), layers.layer('layer2.1.act2')
-    assert stage.stats is last_relu.stats
-    torch.testing.assert_close(stage.fmap, cloned_outputs(model, x, ['layer2'])['layer2'][0])
+    reference = cloned_outputs(model, x, ['layer1', 'layer2'])
+    for stage_name, relu_name, side in [('layer1', 'layer1.1.act2', 16), ('layer2', 'layer2.1.act2', 16)]:
+        stage, last_relu = layers.layer(stage_name), layers.layer(relu_name)
+        assert stage.stats is last_relu.stats and _storage(stage.fmap) == _storage(last_relu.fmap)
+        expected = torch.nn.functional.adaptive_avg_pool2d(reference[stage_name], side)[0].half()
+        torch.testing.assert_close(stage.fmap, expected, rtol=1e-3, atol=1e-3)
+    handle = model.layer1.register_forward_hook(lambda module, inputs, output: output * 2)  # a new tensor
+    try:
+        calls.clear()
+        doubled = run()
+    finally:
+        handle.remove()
+    assert len(calls) == len(doubled.layers) - 3
+    stage, last_relu = doubled.layer('layer1'), doubled.layer('layer1.1.act2')
+    assert stage.stats is not last_relu.stats and _storage(stage.fmap) != _storage(last_relu.fmap)
+    torch.testing.assert_close(stage.fmap.float(), 2 * last_relu.fmap.float())
 
 
 OTHER_FAMILIES = ['convnext_atto', 'efficientnet_b0', 'mobilenetv3_small_100']
