@@ -71,7 +71,7 @@ def _pytorch_parts(fmap: torch.Tensor, prefix) -> Dict[str, Callable[[], object]
 
 def _parts(fmap: torch.Tensor, prefix) -> Dict[str, Callable[[], object]]:
     values = fmap.reshape(fmap.shape[0], -1)
-    reduced = kernels.reduce_map(values, stats.TOP_K)
+    reduced = kernels.reduce_map(values, stats.TOP_K, (stats.SUN_MIN_MAGNITUDE, stats.SUN_MEDIAN_FACTOR))
     parts = _pytorch_parts(fmap, prefix) if reduced is None else _fused_parts(fmap, reduced)
     parts['whole layer_stats'] = lambda: stats.layer_stats(fmap, prefix)
     if prefix is not None:

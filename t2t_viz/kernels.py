@@ -36,7 +36,6 @@ _FINEST_SHIFT = 17  # the median's histogram bins |x| by its bits >> 17 at most:
 _COARSEST_SHIFT = 25  # and >> 25 at least (64 bins), so that its counters never outweigh a small map
 _SUBHISTOGRAMS = 4  # independent counters for neighbouring values, so increments do not wait on each other
 _COLLECT_BLOCK = 64  # values the median's last pass counts at once before it copies any
-_SUN_MIN_MAGNITUDE, _SUN_MEDIAN_FACTOR = 100.0, 1000.0  # as stats.SUN_MIN_MAGNITUDE, stats.SUN_MEDIAN_FACTOR
 _POSITIVE_INFINITY_KEY = 0x7F800000
 _NEGATIVE_INFINITY_KEY = -0x7F800001  # the order key of -inf
 _POSITIVE_INFINITY_BITS = 0x7F800000
@@ -262,12 +261,12 @@ def _bin_shift(size):
 
 
 @_jit
-def _sun_count(flat_bits, median, largest):
-    """Values with |x| over Sun et al.'s bar max(100, 1000 x median) (float32; NaN when the median is),
-    counted only when the ``largest`` |x| is over it."""
-    bar = median * np.float32(_SUN_MEDIAN_FACTOR)
-    if bar < np.float32(_SUN_MIN_MAGNITUDE):
-        bar = np.float32(_SUN_MIN_MAGNITUDE)
+def _sun_count(flat_bits, median, largest, min_magnitude, median_factor):
+    """Values with |x| over Sun et al.'s bar max(min_magnitude, median_factor x median) (float32; NaN when the
+    median is), counted only when the ``largest`` |x| is over it."""
+    bar = median * np.float32(median_factor)
+    if bar < np.float32(min_magnitude):
+        bar = np.float32(min_magnitude)
     if not largest > bar:
         return 0
     box = np.empty(1, np.float32)
@@ -276,7 +275,7 @@ def _sun_count(flat_bits, median, largest):
 
 
 @_jit
-def _reduce(array, token_major, floats, ints):
+def _reduce(array, token_major, sun_min_magnitude, sun_median_factor, floats, ints):
     """Every figure of a map in one call (each call from Python costs microseconds).
 
     floats (4 C + N + k + 3,) float32: minimum, maximum, max |x| and mean per channel, the N token norms, the
@@ -309,7 +308,7 @@ def _reduce(array, token_major, floats, ints):
         largest = max(largest, norm_bits[n] & _MAGNITUDE)  # a NaN's pattern is over every number's
     scalar_bits[2] = largest
     median = floats[4 * channels + tokens + k]
-    ints[2 * k] = _sun_count(flat_bits, median, abs(top_values[0]))
+    ints[2 * k] = _sun_count(flat_bits, median, abs(top_values[0]), sun_min_magnitude, sun_median_factor)
 
 
 @_jit
@@ -429,9 +428,12 @@ def _layout(values: torch.Tensor) -> Optional[str]:
     return None
 
 
-def reduce_map(values: torch.Tensor, top_k: int) -> Optional[FusedReduction]:
+def reduce_map(values: torch.Tensor, top_k: int, sun_bar: Tuple[float, float]) -> Optional[FusedReduction]:
     """Fused statistics of a (C, N) float32 CPU map, or None when the kernels cannot take it (no numba, another
-    device or dtype, a layout other than channel- or token-major): the caller then uses PyTorch."""
+    device or dtype, a layout other than channel- or token-major): the caller then uses PyTorch.
+
+    ``sun_bar`` (minimum magnitude, median factor) defines Sun et al.'s massive activations, as
+    :mod:`t2t_viz.stats` gives it."""
     if not fused_available() or values.device.type != 'cpu' or values.dtype != torch.float32 \
             or values.dim() != 2 or not values.numel() or values.requires_grad:
         return None
@@ -443,7 +445,7 @@ def reduce_map(values: torch.Tensor, top_k: int) -> Optional[FusedReduction]:
     array = (values.t() if token_major else values).numpy()  # C-contiguous (N, C) or (C, N)
     k = min(top_k, values.numel())
     floats, ints = np.empty(4 * channels + tokens + k + 3, np.float32), np.empty(2 * k + 1, np.int64)
-    _reduce(array, token_major, floats, ints)
+    _reduce(array, token_major, float(sun_bar[0]), float(sun_bar[1]), floats, ints)
     # tensors made from NumPy views: a NumPy slice and torch.from_numpy cost less than splitting a tensor
     parts = [torch.from_numpy(floats[start:start + channels]) for start in range(0, 4 * channels, channels)]
     norms = torch.from_numpy(floats[4 * channels:4 * channels + tokens])  # (N,)
@@ -472,7 +474,7 @@ def compile_kernels() -> bool:
     if not fused_available():
         return False
     for values in (torch.ones(3, 5), torch.ones(5, 3).t()):  # channel-major, token-major
-        reduce_map(values, 2)
+        reduce_map(values, 2, (1.0, 1.0))  # compiled for the arguments' types: any bar will do
         first_max_positions(values, torch.ones(3), torch.tensor(0.0))
         count_over(values, 0.5)
     for fmap in (torch.ones(1, 3, 4, 4), torch.ones(1, 4, 4, 3).permute(0, 3, 1, 2)):

@@ -307,7 +307,7 @@ def layer_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None, top_k
     results are small and on the CPU.
     """
     values = fmap.reshape(fmap.shape[0], -1).float()  # (C, N)
-    fused = reduce_map(values, top_k)
+    fused = reduce_map(values, top_k, (SUN_MIN_MAGNITUDE, SUN_MEDIAN_FACTOR))
     if fused is not None:  # the fused kernels' results, already on the CPU
         positions = None if position_floor is None else first_max_positions(values, fused.maximum, position_floor)
         prefix_stats = None

@@ -9,6 +9,8 @@ import torch
 from t2t_viz import capture, kernels, stats
 from t2t_viz.stats import layer_stats
 
+SUN_BAR = (stats.SUN_MIN_MAGNITUDE, stats.SUN_MEDIAN_FACTOR)  # the statistics' definition, which they pass
+
 pytestmark = pytest.mark.skipif(not kernels.fused_available(), reason='numba is not installed')
 
 
@@ -29,7 +31,7 @@ def _reference(values: np.ndarray, k: int = 5) -> dict:
 
 
 def _check(values: torch.Tensor, k: int = 5) -> kernels.FusedReduction:
-    reduced = kernels.reduce_map(values, k)
+    reduced = kernels.reduce_map(values, k, SUN_BAR)
     expected = _reference(values.contiguous().numpy(), k)
     for name in ('minimum', 'maximum', 'max_abs', 'median_abs', 'top_values', 'top_channels', 'top_positions'):
         np.testing.assert_array_equal(getattr(reduced, name).numpy(), expected[name], err_msg=name)
@@ -129,7 +131,7 @@ def test_nan_infinities_and_signed_zeros_per_channel():
     one, two, three = (int(np.float32(value).view(np.uint32)) for value in (1, 2, 3))
     edge_nans = np.array([[one, 0x7F800001, two, three], [one, 0xFF800001, two, three]], np.uint32)
     values = torch.cat([values, torch.from_numpy(edge_nans.view(np.float32))])  # the NaNs next to +-inf
-    reduced = kernels.reduce_map(values, 3)
+    reduced = kernels.reduce_map(values, 3, SUN_BAR)
     torch.testing.assert_close(reduced.maximum, values.amax(dim=1), equal_nan=True, rtol=0, atol=0)
     torch.testing.assert_close(reduced.minimum, values.amin(dim=1), equal_nan=True, rtol=0, atol=0)
     assert torch.isnan(reduced.max_abs[[0, 1, 5, 6]]).all()
@@ -158,14 +160,15 @@ def test_count_over_is_strict_and_never_counts_nan():
 
 
 def test_maps_the_kernels_do_not_take_go_to_pytorch():
-    assert kernels.reduce_map(torch.randn(4, 6, dtype=torch.float16), 5) is None
-    assert kernels.reduce_map(torch.randn(4, 6, device='meta'), 5) is None
-    assert kernels.reduce_map(torch.randn(4, 6, 2)[:, :, 0], 5) is None  # neither channel- nor token-major
+    assert kernels.reduce_map(torch.randn(4, 6, dtype=torch.float16), 5, SUN_BAR) is None
+    assert kernels.reduce_map(torch.randn(4, 6, device='meta'), 5, SUN_BAR) is None
+    neither = torch.randn(4, 6, 2)[:, :, 0]  # neither channel- nor token-major
+    assert kernels.reduce_map(neither, 5, SUN_BAR) is None
 
 
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv('T2T_VIZ_FUSED', '0')
-    assert not kernels.fused_available() and kernels.reduce_map(torch.randn(4, 6), 5) is None
+    assert not kernels.fused_available() and kernels.reduce_map(torch.randn(4, 6), 5, SUN_BAR) is None
 
 
 @pytest.mark.parametrize('name, size', [('resnet18', 160), ('t2t_vit_7', 224)])
