@@ -31,27 +31,38 @@ from .imagenet_like import write_folder
 _ENV = {**os.environ, 'T2T_VIZ_OFFLINE': '1'}
 
 
+_PEAK_LINE = 'scale_out: peak RSS bytes '
+# The stats process reports its own peak at exit: VmHWM belongs to the program after exec, whereas ru_maxrss
+# (wait4, RUSAGE_CHILDREN) also keeps the resident size of the parent it was forked from.
+_REPORT_PEAK = f'''import atexit, sys
+def _report_peak():
+    with open('/proc/self/status') as status:
+        kib = next(int(line.split()[1]) for line in status if line.startswith('VmHWM:'))
+    sys.stderr.write('\\n{_PEAK_LINE}%d\\n' % (kib * 1024))
+atexit.register(_report_peak)
+'''
+_RUN_CLI = 'from t2t_viz.cli import main\nsys.exit(main(sys.argv[1:]))\n'
+
+
 def _stats(arguments, env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, '-m', 't2t_viz', 'stats', *arguments], env=env or _ENV,
+    return subprocess.Popen([sys.executable, '-c', _REPORT_PEAK + _RUN_CLI, 'stats', *arguments], env=env or _ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def _timed(arguments_list, env=None) -> tuple:
-    """Seconds for processes started together to finish, their stderr, and the largest peak RSS among them
-    (each process's own, from ``wait4``: ``RUSAGE_CHILDREN`` would also count the processes of earlier ways)."""
+    """Seconds for processes started together to finish, their stderr, and the largest peak RSS among them."""
     start = time.perf_counter()
     processes = [_stats(arguments, env) for arguments in arguments_list]
     with ThreadPoolExecutor(len(processes)) as pool:  # read every stderr at once, so that no pipe fills up
         errors = list(pool.map(lambda process: process.stderr.read(), processes))
-    peaks = []
     for process, error in zip(processes, errors):
         process.stderr.close()
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-        if process.returncode:
-            raise SystemExit(f'{" ".join(process.args)} failed ({process.returncode}):\n{error[-2000:]}')
-        peaks.append(usage.ru_maxrss * 1024)
-    return time.perf_counter() - start, errors, max(peaks)
+        if process.wait():
+            raise SystemExit(f'{" ".join(map(str, process.args[3:]))} failed ({process.returncode}):\n{error[-2000:]}')
+    elapsed = time.perf_counter() - start
+    peaks = [int(line[len(_PEAK_LINE):]) for error in errors for line in error.splitlines()
+             if line.startswith(_PEAK_LINE)]
+    return elapsed, errors, max(peaks)
 
 
 def _bare_rate(models, paths, batch_size: int) -> float:

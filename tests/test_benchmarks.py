@@ -122,6 +122,21 @@ def test_scale_out_every_way():
     assert re.search(way.format(r'--ray, 2 workers') + r'[\d.]+ [MG]iB(, [\d.]+ [MG]iB)*$', out, re.M), out
 
 
+def test_scale_out_reports_each_ways_own_peak_memory_and_stops_on_a_failed_run(monkeypatch):
+    """A way's peak is that of its own processes, not the test process's nor any earlier child's."""
+    from benchmarks import scale_out
+
+    touch_mebibytes = ('import sys\nblock = bytearray(int(sys.argv[2]) * 2**20)\n'
+                       'block[::4096] = b"x" * len(block[::4096])\nsys.exit(int(sys.argv[3]))\n')
+    monkeypatch.setattr(scale_out, '_RUN_CLI', touch_mebibytes)  # in place of the statistics command
+    _, errors, big = scale_out._timed([['400', '0'], ['16', '0']])
+    assert len(errors) == 2 and 400 * 2**20 < big < 500 * 2**20, big
+    _, _, small = scale_out._timed([['16', '0']])
+    assert small < 100 * 2**20, small  # this test's process holds torch: far more than that
+    with pytest.raises(SystemExit, match='failed'):
+        scale_out._timed([['16', '3']])
+
+
 @needs_chromium
 def test_dataset_throughput():
     out = _run_benchmark('dataset_throughput', '--images', '12', '--models', 'resnet18')  # more than start-up noise
