@@ -22,18 +22,32 @@ raised T2T-ViT-24's peak RSS from 1.37 to 2.49 GiB, so larger inputs keep 4 MiB.
 
 The setting is process-wide, so the entry points (CLI, app, benchmarks) call :func:`reuse_freed_memory`;
 the library never changes it on import.
+
+The display copies a capture keeps (float16, at most 128 pixels a side) are the other memory that every pass
+allocates afresh: at 1024 they are about 240 MiB for ResNet50, freed when the capture is dropped. From the C
+library's allocator they cost a fresh mapping (page faults) for each copy over 4 MiB, and the smaller ones,
+alive through the pass, broke the heap into pieces the forward's own activations no longer fit, so that the
+forward faulted in fresh pages too. :data:`display_buffers` keeps them outside that heap, in buffers that a
+later capture reuses: on ResNet50 at 1024 (4 KB pages) a capture went from 1.62x to 1.14x the bare forward
+pass, with the same page faults as the bare pass (``benchmarks/capture_overhead.py``, README).
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import logging
+import math
+import mmap
 import sys
 import threading
-from typing import Optional
+import weakref
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
 
 __all__ = ['reuse_freed_memory', 'batched_mmap_threshold', 'MMAP_THRESHOLD_BYTES', 'BATCHED_MMAP_THRESHOLD_BYTES',
-           'BATCHED_SIZES_UP_TO', 'TRIM_THRESHOLD_BYTES']
+           'BATCHED_SIZES_UP_TO', 'TRIM_THRESHOLD_BYTES', 'ReusedBuffers', 'display_buffers', 'IDLE_BUFFER_BYTES']
 
 _logger = logging.getLogger(__name__)
 
@@ -43,6 +57,7 @@ MMAP_THRESHOLD_BYTES = 4 * 1024 ** 2  # larger blocks (high-resolution maps) get
 BATCHED_MMAP_THRESHOLD_BYTES = 32 * 1024 ** 2  # the statistics' batches at the usual input sizes
 BATCHED_SIZES_UP_TO = 384  # the largest input side given that threshold
 TRIM_THRESHOLD_BYTES = 1024 ** 3  # free heap kept before glibc gives memory back to the kernel
+IDLE_BUFFER_BYTES = 512 * 1024 ** 2  # display copies' buffers kept for reuse while no tensor uses them
 
 _lock = threading.Lock()
 _applied: Optional[int] = None  # the mmap threshold in effect
@@ -76,3 +91,67 @@ def reuse_freed_memory(mmap_threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
             return False
         _applied = mmap_threshold
         return True
+
+
+class ReusedBuffers:
+    """Host memory for tensors made again and again at the same sizes, such as the display copies of captures.
+
+    Each buffer is an anonymous mapping of its own, outside the C library's heap. A buffer is in use while any
+    tensor made from it (or a view of one) is alive; after that it waits, idle, for the next request of the
+    same byte size, so the memory is written again without being faulted in again. Idle buffers are bounded
+    by ``max_idle_bytes`` (a buffer freed beyond that is unmapped), and :meth:`release` unmaps them all.
+    Safe to use from many threads.
+    """
+
+    def __init__(self, max_idle_bytes: int = IDLE_BUFFER_BYTES):
+        self.max_idle_bytes = max_idle_bytes
+        self._idle: Dict[int, List[mmap.mmap]] = {}  # byte size -> idle buffers of that size
+        self._idle_bytes = 0
+        self._in_use_bytes = 0
+        self._lock = threading.RLock()  # re-entrant: a buffer can come back during a garbage collection
+
+    @property
+    def idle_bytes(self) -> int:
+        """Bytes of buffers no tensor uses, kept for reuse."""
+        return self._idle_bytes
+
+    @property
+    def in_use_bytes(self) -> int:
+        """Bytes of buffers that tensors alive now were made from."""
+        return self._in_use_bytes
+
+    def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised contiguous CPU tensor of ``shape`` and ``dtype``, in a reused buffer when one of its
+        byte size is idle."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not nbytes:
+            return torch.empty(tuple(shape), dtype=dtype)
+        with self._lock:
+            idle = self._idle.get(nbytes)
+            buffer = idle.pop() if idle else None
+            if buffer is not None:
+                self._idle_bytes -= nbytes
+            self._in_use_bytes += nbytes
+        if buffer is None:
+            buffer = mmap.mmap(-1, nbytes)
+        lease = np.frombuffer(buffer, np.uint8)  # every tensor made from the buffer keeps this array alive
+        weakref.finalize(lease, self._give_back, buffer).atexit = False
+        return torch.from_numpy(lease).view(dtype).view(tuple(shape))
+
+    def _give_back(self, buffer: mmap.mmap) -> None:
+        with self._lock:
+            self._in_use_bytes -= len(buffer)
+            if self._idle_bytes + len(buffer) <= self.max_idle_bytes:
+                self._idle.setdefault(len(buffer), []).append(buffer)
+                self._idle_bytes += len(buffer)
+        # a buffer not kept is unmapped when its last reference goes, once NumPy has let go of it too
+
+    def release(self) -> int:
+        """Unmap every idle buffer; returns the bytes given back to the kernel."""
+        with self._lock:
+            self._idle.clear()
+            released, self._idle_bytes = self._idle_bytes, 0
+        return released
+
+
+display_buffers = ReusedBuffers()  # the display copies captures keep (t2t_viz.capture)

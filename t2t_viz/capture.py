@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
+from .allocator import display_buffers
 from .models import T2TViT
 
 __all__ = ['Layer', 'Capture', 'Point', 'Recorder', 'run', 'layer_points', 'select_points', 't2t_module_points',
@@ -197,20 +198,24 @@ class Recorder:
             raise StopForward
 
     def _keep(self, fmap: torch.Tensor, must_copy: bool, reduced: List[Any]) -> torch.Tensor:
+        """The copy of ``fmap`` (B, C, H, W) to keep: pooled to ``max_side``, in ``dtype``, on the host; the map
+        itself where it needs neither (then ``must_copy`` says whether later in-place ops could change it)."""
         fmap = fmap.detach()
         height, width = fmap.shape[-2:]
-        if self.max_side and max(height, width) > self.max_side:
-            size = pooled_size(height, width, self.max_side)
-            pooled = kernels.average_pool(fmap, size)  # (B, C, h, w)
-            fmap = F.adaptive_avg_pool2d(fmap.float(), size) if pooled is None else pooled
-            must_copy = False
-        # a map that is still the module's own memory and may be written later is copied, so that later
-        # in-place ops cannot change what was recorded; maps already rebuilt from tokens are not copied twice
-        half = self.dtype == torch.float16
-        kept = fmap.to(device=_host(fmap), dtype=self.dtype, copy=must_copy or half)
-        if half and (kept.is_meta or not _within_float16(reduced)) and _beyond_float16(kept):
-            # values beyond float16's range became inf: clamped in the copy
-            kept.clamp_(-FLOAT16_MAX, FLOAT16_MAX)
+        size = pooled_size(height, width, self.max_side) if self.max_side else (height, width)
+        pooled = size != (height, width)
+        if not (pooled or must_copy or fmap.dtype != self.dtype or fmap.device.type not in ('cpu', 'meta')):
+            return fmap  # rebuilt from tokens, or a module output nothing writes to later: kept as it is
+        if fmap.is_meta:  # shape-only (memory estimation): the copy's bytes
+            return torch.empty((*fmap.shape[:2], *size), dtype=self.dtype, device='meta')
+        # copies go to reused host buffers: fresh memory for every pass cost page faults and split the heap
+        kept = display_buffers.empty((*fmap.shape[:2], *size), self.dtype)
+        if pooled and kernels.average_pool(fmap, size, out=kept) is not None:
+            return kept  # pooled in place; float16 averages are clamped to its range by the kernel
+        source = F.adaptive_avg_pool2d(fmap.float(), size) if pooled else fmap
+        kept.copy_(source.to(self.dtype) if source.device.type != 'cpu' else source)
+        if self.dtype == torch.float16 and not _within_float16(reduced) and _beyond_float16(kept):
+            kept.clamp_(-FLOAT16_MAX, FLOAT16_MAX)  # values beyond float16's range became inf
         return kept
 
     def captures(self, logits: Optional[torch.Tensor], x: torch.Tensor, procedure: str = REAL_FORWARD) -> List[Capture]:
@@ -235,8 +240,6 @@ def _within_float16(reduced: List[Any]) -> bool:
 def _beyond_float16(kept: torch.Tensor) -> bool:
     """Whether a float16 copy holds an infinity (or a NaN, which clamping keeps): one read of the copy, where
     clamping it in place costs a read and a write of every value."""
-    if kept.is_meta:
-        return True  # shape-only: as much as clamping allocates
     low, high = torch.aminmax(kept)
     return not (float(high) <= FLOAT16_MAX and float(low) >= -FLOAT16_MAX)
 

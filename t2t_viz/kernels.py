@@ -39,6 +39,10 @@ _COLLECT_BLOCK = 64  # values the median's last pass counts at once before it co
 _POSITIVE_INFINITY_KEY = 0x7F800000
 _NEGATIVE_INFINITY_KEY = -0x7F800001  # the order key of -inf
 _POSITIVE_INFINITY_BITS = 0x7F800000
+_FLOAT16_MAX_BITS = np.int32(0x477FE000)  # float32 bits of 65504, float16's largest finite value
+_FLOAT16_MIN_NORMAL_BITS = np.int32(0x38800000)  # float32 bits of 2**-14, float16's smallest normal value
+_REBIAS = np.int32(112 << 23)  # float32's exponent bias (127) less float16's (15), in place
+_FLOAT16_NAN = np.int32(0x7E00)
 _NAN_BITS = np.int32(0x7FC00000)
 # int32 constants, so that the kernels' integer arithmetic stays 32 bits wide (twice the lanes of int64)
 _MAGNITUDE = np.int32(0x7FFFFFFF)  # clears the sign bit
@@ -352,11 +356,35 @@ def _count_over(flat_bits, threshold_bits):
     return count
 
 
+@_jit
+def _to_float16(values, out):
+    """out (n,) uint16: the float16 bit patterns of float32 ``values`` (n,), rounded to nearest even as
+    PyTorch converts, with magnitudes beyond float16's largest finite value (65504, infinities included)
+    clamped to it; NaN stays NaN. Integer arithmetic only, which the compiler vectorizes."""
+    bits = values.view(np.int32)
+    for i in range(bits.shape[0]):
+        b = bits[i]
+        sign = (b >> np.int32(16)) & np.int32(0x8000)
+        magnitude = b & _MAGNITUDE
+        clamped = min(magnitude, _FLOAT16_MAX_BITS)
+        # a normal float16: rebias the exponent (127 -> 15) and round the mantissa's 13 dropped bits to even
+        normal = (clamped - _REBIAS + np.int32(0xFFF) + ((clamped >> np.int32(13)) & np.int32(1))) >> np.int32(13)
+        # a subnormal float16 (|x| < 2**-14): the 24-bit significand shifted into units of 2**-24, rounded to even
+        shift = max(np.int32(14), min(np.int32(126) - (clamped >> np.int32(23)), np.int32(25)))
+        significand = (clamped & np.int32(0x7FFFFF)) | np.int32(0x800000)
+        subnormal = (significand + (np.int32(1) << (shift - np.int32(1))) - np.int32(1)
+                     + ((significand >> shift) & np.int32(1))) >> shift
+        half = normal if clamped >= _FLOAT16_MIN_NORMAL_BITS else subnormal
+        out[i] = np.uint16(sign | (_FLOAT16_NAN if magnitude > np.int32(_POSITIVE_INFINITY_BITS) else half))
+
+
 @_summing
-def _pool_channels(values, row_starts, row_ends, column_starts, column_ends, out):
-    """out[c] (oh, ow): the average of each window of values[c] (H, W). Each output row's window rows are
-    summed column by column (a vectorized pass over W), then each window's columns."""
+def _pool_channels(values, row_starts, row_ends, column_starts, column_ends, out, half):
+    """out[c] (oh, ow): the average of each window of values[c] (H, W), as float32, or with ``half`` as float16
+    bit patterns (clamped to its range) in a uint16 ``out``. Each output row's window rows are summed column by column (a
+    vectorized pass over W), then each window's columns."""
     column_sums = np.empty(values.shape[2], np.float32)
+    averages = np.empty(out.shape[2], np.float32)
     for c in range(values.shape[0]):
         for oy in range(out.shape[1]):
             column_sums[:] = values[c, row_starts[oy]]
@@ -369,14 +397,16 @@ def _pool_channels(values, row_starts, row_ends, column_starts, column_ends, out
                 total = np.float32(0.0)
                 for x in range(column_starts[ox], column_ends[ox]):
                     total += column_sums[x]
-                out[c, oy, ox] = total / (rows * np.float32(column_ends[ox] - column_starts[ox]))
+                averages[ox] = total / (rows * np.float32(column_ends[ox] - column_starts[ox]))
+            _store(averages, out[c, oy], half)
 
 
 @_summing
-def _pool_tokens(values, row_starts, row_ends, column_starts, column_ends, out):
+def _pool_tokens(values, row_starts, row_ends, column_starts, column_ends, out, half):
     """out (C, oh, ow): the average of each window of the (H, W, C) tokens, summed a whole token (C contiguous
-    values) at a time."""
+    values) at a time; float32, or float16 bit patterns with ``half``, as ``_pool_channels``."""
     window = np.empty(values.shape[2], np.float32)
+    stored = np.empty(values.shape[2], out.dtype)
     for oy in range(out.shape[1]):
         for ox in range(out.shape[2]):
             window[:] = 0.0
@@ -387,7 +417,19 @@ def _pool_tokens(values, row_starts, row_ends, column_starts, column_ends, out):
                         window[c] += token[c]
             count = np.float32((row_ends[oy] - row_starts[oy]) * (column_ends[ox] - column_starts[ox]))
             for c in range(window.shape[0]):
-                out[c, oy, ox] = window[c] / count
+                window[c] /= count
+            _store(window, stored, half)
+            for c in range(window.shape[0]):
+                out[c, oy, ox] = stored[c]
+
+
+@_jit
+def _store(averages, out, half):
+    """out: float32 ``averages``, or with ``half`` their float16 bit patterns (``out`` uint16)."""
+    if half:
+        _to_float16(averages, out)
+    else:
+        out[:] = averages
 
 
 def _windows(size: int, pooled: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -397,26 +439,34 @@ def _windows(size: int, pooled: int) -> Tuple[np.ndarray, np.ndarray]:
     return index * size // pooled, ((index + 1) * size + pooled - 1) // pooled
 
 
-def average_pool(fmap: torch.Tensor, size: Tuple[int, int]) -> Optional[torch.Tensor]:
-    """(B, C, h, w) float32: ``F.adaptive_avg_pool2d(fmap, size)`` of a float32 CPU map (B, C, H, W), read
-    once in place, channel-major or token-major (a view of (B, H, W, C) tokens); None when the kernels cannot
-    take it (the caller then uses PyTorch). Sums are float32 in another order than PyTorch's: equal to within
-    float32 rounding."""
+def average_pool(fmap: torch.Tensor, size: Tuple[int, int], out: Optional[torch.Tensor] = None
+                 ) -> Optional[torch.Tensor]:
+    """(B, C, h, w): ``F.adaptive_avg_pool2d(fmap, size)`` of a float32 CPU map (B, C, H, W), read once in
+    place, channel-major or token-major (a view of (B, H, W, C) tokens), written into ``out`` when given (a
+    contiguous float32 or float16 CPU tensor; float16 averages are clamped to its range, NaN kept) or a new
+    float32 tensor; None when the kernels cannot take it (the caller then uses PyTorch). Sums are float32 in
+    another order than PyTorch's: equal to within float32 rounding."""
     if not fused_available() or fmap.device.type != 'cpu' or fmap.dtype != torch.float32 or fmap.dim() != 4 \
             or not fmap.numel() or fmap.requires_grad:
         return None
     batch, channels, height, width = fmap.shape
+    if out is None:
+        out = torch.empty(batch, channels, *size)
+    elif out.shape != (batch, channels, *size) or out.dtype not in (torch.float32, torch.float16) \
+            or out.device.type != 'cpu' or not out.is_contiguous():
+        raise ValueError(f'cannot pool a {tuple(fmap.shape)} map into a {out.dtype} tensor of {tuple(out.shape)}')
+    half = out.dtype == torch.float16
+    written = out.view(torch.int16).numpy().view(np.uint16) if half else out.numpy()
     rows, columns = _windows(height, size[0]), _windows(width, size[1])
-    out = np.empty((batch, channels, *size), np.float32)
     if fmap.is_contiguous():
         _pool_channels(fmap.reshape(batch * channels, height, width).numpy(), *rows, *columns,
-                       out.reshape(batch * channels, *size))
+                       written.reshape(batch * channels, *size), half)
     elif all(image.permute(1, 2, 0).is_contiguous() for image in fmap):
-        for image, image_out in zip(fmap, out):
-            _pool_tokens(image.permute(1, 2, 0).numpy(), *rows, *columns, image_out)  # (H, W, C) tokens
+        for image, image_out in zip(fmap, written):
+            _pool_tokens(image.permute(1, 2, 0).numpy(), *rows, *columns, image_out, half)  # (H, W, C) tokens
     else:
         return None
-    return torch.from_numpy(out)
+    return out
 
 
 def _layout(values: torch.Tensor) -> Optional[str]:
@@ -478,7 +528,8 @@ def compile_kernels() -> bool:
         first_max_positions(values, torch.ones(3), torch.tensor(0.0))
         count_over(values, 0.5)
     for fmap in (torch.ones(1, 3, 4, 4), torch.ones(1, 4, 4, 3).permute(0, 3, 1, 2)):
-        average_pool(fmap, (2, 2))
+        for dtype in (torch.float32, torch.float16):
+            average_pool(fmap, (2, 2), torch.empty(1, 3, 2, 2, dtype=dtype))
     return True
 
 

@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
+from .allocator import display_buffers
 from .cachefiles import cache_dir, read_bytes, write_bytes
 
 __all__ = ['MemoryEstimate', 'InsufficientMemory', 'LiveBytes', 'ReplayedByShape', 'EstimateStore', 'tensor_bytes',
@@ -366,9 +367,16 @@ def format_bytes(count: float) -> str:
 
 def check_fits(needed: int, what: str, available: Optional[int] = None,
                device: Optional[Union[str, torch.device]] = None) -> None:
-    """Raise InsufficientMemory naming ``what``, the bytes needed and the bytes available (on ``device``)."""
-    available = available_bytes(device) if available is None else available
+    """Raise InsufficientMemory naming ``what``, the bytes needed and the bytes available (on ``device``).
+
+    When the host's memory is measured here and falls short, the idle buffers kept for display copies are
+    given back to the system first and the memory is measured again."""
+    on_gpu = device is not None and torch.device(device).type == 'cuda'
+    measured = available is None
+    available = available_bytes(device) if measured else available
+    if needed > available and measured and not on_gpu and display_buffers.release():
+        available = available_bytes(device)
     if needed > available:
-        where = 'GPU memory' if device is not None and torch.device(device).type == 'cuda' else 'memory'
+        where = 'GPU memory' if on_gpu else 'memory'
         raise InsufficientMemory(f'{what} needs about {format_bytes(needed)}, but only {format_bytes(available)} '
                                  f'of {where} is available')

@@ -372,3 +372,33 @@ def test_batched_statistics_reuse_freed_blocks_of_tens_of_mib_at_the_usual_sizes
     assert result.returncode == 0, result.stderr[-2000:]
     faults = int(result.stdout.split()[-1])
     assert faults < 8 if reused else faults >= 5 * 8, faults
+
+
+_FAULTS_OF_DISPLAY_BUFFERS = r'''
+import resource
+import torch
+from t2t_viz.allocator import display_buffers
+
+def faults_of_five_copies():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        display_buffers.empty((512, 128, 128), torch.float16).fill_(1.0)  # a kept 16 MiB copy, then dropped
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+display_buffers.empty((512, 128, 128), torch.float16).fill_(1.0)
+reused = faults_of_five_copies()
+display_buffers.release()
+print(reused, faults_of_five_copies())
+'''
+
+
+@pytest.mark.skipif(platform.system() != 'Linux', reason='page-fault counts of Linux')
+def test_display_copies_reuse_their_memory_without_faulting_it_in_again():
+    """Five 16 MiB display copies made and dropped in turn: in the buffer an earlier copy left, no page is
+    faulted in again; once the idle buffers are released, the memory really went back to the kernel and the
+    next copy faults its pages in again (4,096 small ones, or eight 2 MiB ones where the kernel gives them)."""
+    result = subprocess.run([sys.executable, '-c', _FAULTS_OF_DISPLAY_BUFFERS], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    reused, released = map(int, result.stdout.split())
+    assert reused < 8 <= released, (reused, released)

@@ -269,6 +269,55 @@ def test_display_pooling_propagates_nan_and_infinity():
         assert pooled[0, 3, 0, 0] == -float('inf') and int(torch.isfinite(pooled).logical_not().sum()) == 3
 
 
+def _float16_boundaries() -> np.ndarray:
+    """float32 values at every place where float16 rounding can go wrong: each finite float16 value, the
+    midpoints between neighbours (ties, rounded to even), the float32 values just beside each midpoint, past
+    the largest finite value, float32 subnormals, both signs, infinities and NaNs."""
+    halves = np.arange(0x7C00, dtype=np.uint16).view(np.float16).astype(np.float64)  # 0 .. 65504
+    midpoints = np.concatenate([(halves[:-1] + halves[1:]) / 2, [65520.0]]).astype(np.float32)  # all exact
+    values = np.concatenate([halves.astype(np.float32), midpoints, np.nextafter(midpoints, np.float32(0)),
+                             np.nextafter(midpoints, np.float32(np.inf)), [65519.996, 70000.0, 3.4e38, 1e-45, 1e-39],
+                             [np.inf, np.nan]]).astype(np.float32)
+    payload_nan = np.array([0x7F800001, 0x7FFFFFFF], np.uint32).view(np.float32)
+    return np.concatenate([values, -values, payload_nan, -payload_nan])
+
+
+def test_float16_conversion_rounds_and_clamps_bit_for_bit_as_pytorch():
+    """The kernels' float32 -> float16 conversion (for pooled display copies) against PyTorch's clamp and
+    conversion: every tie and every value beside one, subnormals, overflow, and 4 million random patterns."""
+    random_bits = np.random.default_rng(0).integers(0, 2**32, 4_000_000, dtype=np.uint64).astype(np.uint32)
+    for values in (_float16_boundaries(), random_bits.view(np.float32)):
+        converted = np.empty(values.shape, np.uint16)
+        kernels._to_float16(values, converted)
+        expected = torch.from_numpy(values).clamp(-capture.FLOAT16_MAX, capture.FLOAT16_MAX).half().numpy()
+        nan = np.isnan(expected)
+        np.testing.assert_array_equal(np.isnan(converted.view(np.float16)), nan)
+        np.testing.assert_array_equal(converted[~nan], expected.view(np.uint16)[~nan])
+
+
+@pytest.mark.parametrize('layout', ['channel_major', 'token_major'])
+def test_display_pooling_into_float16_is_the_float32_pooling_clamped_and_converted(layout):
+    """ResNet conv1 at 1024 (64 x 512 x 512 to 128 x 128) pooled straight into a float16 copy: bit for bit the
+    float32 pooling, clamped to float16's range and converted by PyTorch; windows of huge values, infinities,
+    NaNs and averages too small for a normal float16 included."""
+    generator = torch.Generator().manual_seed(9)
+    fmap = torch.relu(torch.randn(1, 64, 512, 512, generator=generator))
+    fmap[0, 1, :4, :4] = 1e6  # a window whose average is beyond float16's range
+    fmap[0, 2, 4, 4], fmap[0, 3, 8, 8], fmap[0, 4, 12, 12] = float('inf'), -float('inf'), float('nan')
+    fmap[0, 5] *= 1e-6  # averages around float16's smallest normal value, 6e-5, and below
+    if layout == 'token_major':
+        fmap = fmap.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    half = torch.empty(1, 64, 128, 128, dtype=torch.float16)
+    assert kernels.average_pool(fmap, (128, 128), out=half) is half
+    expected = kernels.average_pool(fmap, (128, 128)).clamp(-capture.FLOAT16_MAX, capture.FLOAT16_MAX).half()
+    assert torch.equal(torch.isnan(half), torch.isnan(expected)) and int(torch.isnan(half).sum()) == 1
+    assert torch.equal(half.nan_to_num(), expected.nan_to_num())
+    assert half[0, 1, 0, 0] == capture.FLOAT16_MAX and half[0, 3, 2, 2] == -capture.FLOAT16_MAX
+    assert bool(((half[0, 5] > 0) & (half[0, 5] < 6.1e-5)).any())  # subnormal float16 averages
+    with pytest.raises(ValueError, match='cannot pool'):
+        kernels.average_pool(fmap, (128, 128), out=torch.empty(1, 64, 128, 64, dtype=torch.float16))
+
+
 def test_display_pooling_leaves_maps_it_cannot_take_to_pytorch():
     assert kernels.average_pool(torch.randn(1, 4, 8, 8, dtype=torch.float16), (4, 4)) is None
     assert kernels.average_pool(torch.randn(1, 4, 8, 8, device='meta'), (4, 4)) is None
