@@ -10,11 +10,15 @@ norms' median (by the same selection) and maximum, and counts Sun et al.'s massi
 largest |x| is over their bar.
 
 Works on float32 maps seen as (C, N) in either memory layout a capture produces: channel-major (a CNN's
-(C, H, W) map) or token-major (a ViT's (N, C) tokens). Every kernel runs on the calling thread, in one call
-per map. The capture hooks call them between two layers of the forward pass, while PyTorch's other OpenMP
-threads spin-wait for the next layer, so a helper thread shares a core with one of them. Measured in the
-hooks of ResNet50 passes (2 cores, medians of 15 passes), maps cut between two threads took 17-20 ms at 224
-against 15-19 ms on one thread, and were no faster at 1024.
+(C, H, W) map) or token-major (a ViT's (N, C) tokens), in one call per map. The passes over the whole map
+(the first pass, the median's histogram, display pooling) are spread over as many threads as PyTorch's own
+(numba's OpenMP threading layer; one thread where it cannot load), each thread taking one contiguous run of
+the map's memory, as PyTorch's element-wise layers cut it between threads: a capture hook then reads the
+run that its own core has just written, still in that core's cache. Runs split the other way (every row
+cut in two) were barely faster than one thread in the hooks of a ResNet50 pass (4.1 against 4.6 ms for the
+first pass at 224), runs of whole channels 1.5 times faster (3.0 ms). Per-channel sums stay within one run
+in channel-major maps; token sums of squares (and token-major maps' channel sums) add the runs' sums in
+run order, so a thread count always gives the same figures, and one thread the figures of a plain loop.
 
 Order keys: a float32's bit pattern ``b`` read as int32, with ``b ^ ((b >> 31) & 0x7FFFFFFF)``, orders as
 the floats do (NaNs beyond the infinities), so minimum and maximum are integer reductions that the
@@ -77,19 +81,77 @@ def fused_available() -> bool:
     return numba is not None and os.environ.get('T2T_VIZ_FUSED', '1') != '0'
 
 
+def _openmp_loads() -> bool:
+    """Whether numba's OpenMP threading layer is there to spread passes over threads (it needs the system's
+    libgomp; its other layers hand work to threads too slowly for a pass of a millisecond), unless switched
+    off with T2T_VIZ_PARALLEL=0 or another layer is asked for with NUMBA_THREADING_LAYER."""
+    if numba is None or os.environ.get('T2T_VIZ_PARALLEL', '1') == '0' \
+            or numba.config.THREADING_LAYER not in ('default', 'omp'):
+        return False
+    try:
+        from numba.np.ufunc import omppool  # noqa: F401
+    except ImportError:
+        return False
+    numba.config.THREADING_LAYER = 'omp'
+    return True
+
+
+_PARALLEL = _openmp_loads()
+# prange loops only: numba would otherwise turn array expressions into parallel loops of their own
+_PRANGE_ONLY = {'prange': True, 'comprehension': False, 'reduction': False, 'inplace_binop': False,
+                'setitem': False, 'numpy': False, 'stencil': False, 'fusion': False}
+
 if numba is not None:
     _jit = numba.njit(nogil=True, cache=True)
     _summing = numba.njit(nogil=True, cache=True, fastmath={'reassoc', 'nsz'})  # sums may be reordered: vectorized
+    _spread = numba.njit(nogil=True, cache=True, fastmath={'reassoc', 'nsz'},
+                         parallel=_PRANGE_ONLY if _PARALLEL else False)  # prange over runs of the map
+    _prange = numba.prange
 else:  # never called: fused_available() is False
     def _jit(function):
         return function
-    _summing = _jit
+    _summing = _spread = _jit
+    _prange = range
+
+
+def _parts(parts: Optional[int] = None) -> int:
+    """Runs to cut a map into: ``parts`` if given, else one per PyTorch intra-op thread (at most numba's
+    threads) where the OpenMP layer loaded, else 1; numba's thread count for this caller is set to match."""
+    if not _PARALLEL:
+        return max(1, parts or 1)
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
+    return parts or threads
+
+
+@_jit
+def _run(size, parts, part):
+    """[first, end) of run ``part`` of ``parts`` near-equal contiguous runs of ``size`` items."""
+    return size * part // parts, size * (part + 1) // parts
+
+
+@_spread
+def _channel_major(values, bits, key_max, key_min, sums, squares, parts):
+    """A (C, N) map: per-channel order keys and sums, per-token sums of squares; returns how many values are
+    zero (either sign). Each of ``parts`` runs of whole channels is one thread's."""
+    channels, tokens = values.shape
+    later_squares = np.empty((parts - 1, tokens))  # each later run's own token sums, added in run order
+    run_zeros = np.zeros(parts, np.int64)
+    for part in _prange(parts):
+        first, end = _run(channels, parts, part)
+        run_zeros[part] = _channel_run(values[first:end], bits[first:end], key_max[first:end],
+                                       key_min[first:end], sums[first:end],
+                                       squares if part == 0 else later_squares[part - 1])
+    for later in range(parts - 1):
+        for n in range(tokens):
+            squares[n] += later_squares[later, n]
+    return run_zeros.sum()
 
 
 @_summing
-def _channel_major(values, bits, key_max, key_min, sums, squares):
-    """A (C, N) map: per-channel order keys and sums, per-token sums of squares; returns how many values are
-    zero (either sign)."""
+def _channel_run(values, bits, key_max, key_min, sums, squares):
+    """``_channel_major`` of one run of channels: squares (N,) gets the run's own token sums of squares."""
     zeros = 0
     squares[:] = 0.0
     for c in range(values.shape[0]):
@@ -110,9 +172,31 @@ def _channel_major(values, bits, key_max, key_min, sums, squares):
     return zeros
 
 
+@_spread
+def _token_major(values, bits, key_max, key_min, sums, squares, parts):
+    """An (N, C) map of tokens: as ``_channel_major``, each of ``parts`` runs of whole tokens one thread's;
+    the runs' per-channel figures are combined in run order."""
+    tokens, channels = values.shape
+    highs, lows = np.empty((parts, channels), np.int32), np.empty((parts, channels), np.int32)
+    totals = np.empty((parts, channels))
+    run_zeros = np.zeros(parts, np.int64)
+    for part in _prange(parts):
+        first, end = _run(tokens, parts, part)
+        run_zeros[part] = _token_run(values[first:end], bits[first:end], highs[part], lows[part], totals[part],
+                                     squares[first:end])
+    for c in range(channels):
+        high, low, total = highs[0, c], lows[0, c], totals[0, c]
+        for part in range(1, parts):
+            high = max(high, highs[part, c])
+            low = min(low, lows[part, c])
+            total += totals[part, c]
+        key_max[c], key_min[c], sums[c] = high, low, total
+    return run_zeros.sum()
+
+
 @_summing
-def _token_major(values, bits, key_max, key_min, sums, squares):
-    """An (N, C) map of tokens: as ``_channel_major``."""
+def _token_run(values, bits, key_max, key_min, sums, squares):
+    """``_token_major`` of one run of tokens: the run's per-channel figures, and its tokens' sums of squares."""
     zeros = 0
     key_max[:] = _MIN_KEY
     key_min[:] = _MAX_KEY
@@ -159,19 +243,32 @@ def _combine(key_max, key_min, sums, squares, tokens, minimum_bits, maximum_bits
         norms[n] = np.sqrt(squares[n])
 
 
+@_spread
+def _histogram(flat_bits, shift, counts, parts):
+    """counts (4, bins): how many |x| of the bit patterns ``flat_bits`` fall in each bin of their bits >> shift;
+    each of ``parts`` contiguous runs counted by one thread into its own counters, which are then added."""
+    later_counts = np.empty((parts - 1, counts.shape[0], counts.shape[1]), np.int32)
+    for part in _prange(parts):
+        first, end = _run(flat_bits.shape[0], parts, part)
+        _count_bins(flat_bits[first:end], shift, counts if part == 0 else later_counts[part - 1])
+    for later in range(parts - 1):
+        for row in range(counts.shape[0]):
+            for high in range(counts.shape[1]):
+                counts[row, high] += later_counts[later, row, high]
+
+
 @_jit
-def _histogram(part, shift, counts):
-    """counts (4, bins): how many |x| of the bit patterns ``part`` fall in each bin of their bits >> shift."""
+def _count_bins(flat_bits, shift, counts):
+    """counts (4, bins): ``_histogram`` of one run, neighbouring values into different rows of counters, so
+    that increments do not wait on each other."""
     shift = np.int32(shift)
     counts[:] = 0
-    size = part.shape[0]
+    size = flat_bits.shape[0]
     for i in range(0, size - 3, 4):
-        counts[0, (part[i] & _MAGNITUDE) >> shift] += 1
-        counts[1, (part[i + 1] & _MAGNITUDE) >> shift] += 1
-        counts[2, (part[i + 2] & _MAGNITUDE) >> shift] += 1
-        counts[3, (part[i + 3] & _MAGNITUDE) >> shift] += 1
+        for row in range(4):
+            counts[row, (flat_bits[i + row] & _MAGNITUDE) >> shift] += 1
     for i in range(size - size % 4, size):
-        counts[0, (part[i] & _MAGNITUDE) >> shift] += 1
+        counts[0, (flat_bits[i] & _MAGNITUDE) >> shift] += 1
 
 
 @_jit
@@ -243,11 +340,11 @@ def _top_magnitudes(array, bits, token_major, max_abs_bits, values, channels, po
 
 
 @_jit
-def _median_bits(flat_bits, rank, shift):
-    """The rank-th smallest |x| (1-based) of the bit patterns ``flat_bits``: a histogram of their high bits,
-    then a selection among the values of the one bin that holds the answer."""
+def _median_bits(flat_bits, rank, shift, parts):
+    """The rank-th smallest |x| (1-based) of the bit patterns ``flat_bits``: a histogram of their high bits
+    (over ``parts`` threads), then a selection among the values of the one bin that holds the answer."""
     counts = np.empty((_SUBHISTOGRAMS, 1 << (31 - shift)), np.int32)
-    _histogram(flat_bits, shift, counts)
+    _histogram(flat_bits, shift, counts, parts)
     high, before, in_bin = _find_bin(counts, rank)
     chosen = np.empty(in_bin, np.int32)
     _collect(flat_bits, shift, high, chosen)
@@ -279,8 +376,9 @@ def _sun_count(flat_bits, median, largest, min_magnitude, median_factor):
 
 
 @_jit
-def _reduce(array, token_major, sun_min_magnitude, sun_median_factor, floats, ints):
-    """Every figure of a map in one call (each call from Python costs microseconds).
+def _reduce(array, token_major, sun_min_magnitude, sun_median_factor, floats, ints, parts):
+    """Every figure of a map in one call (each call from Python costs microseconds), the passes over the whole
+    map spread over ``parts`` threads.
 
     floats (4 C + N + k + 3,) float32: minimum, maximum, max |x| and mean per channel, the N token norms, the
     k largest |x| (signed), then median |x|, median token norm, max token norm; ints (2 k + 1,) int64: the
@@ -295,18 +393,18 @@ def _reduce(array, token_major, sun_min_magnitude, sun_median_factor, floats, in
     key_max, key_min = np.empty(channels, np.int32), np.empty(channels, np.int32)
     sums, squares = np.empty(channels, np.float64), np.empty(tokens, np.float64)
     if token_major:
-        zeros = _token_major(array, bits, key_max, key_min, sums, squares)
+        zeros = _token_major(array, bits, key_max, key_min, sums, squares, parts)
     else:
-        zeros = _channel_major(array, bits, key_max, key_min, sums, squares)
+        zeros = _channel_major(array, bits, key_max, key_min, sums, squares, parts)
     figure_bits = figures.view(np.int32)
     _combine(key_max, key_min, sums, squares, tokens, figure_bits[0], figure_bits[1], figure_bits[2], figures[3],
              norms)
     _top_magnitudes(array, bits, token_major, figure_bits[2], top_values, ints[:k], ints[k:2 * k])
     flat_bits = bits.reshape(-1)
     rank = (flat_bits.shape[0] + 1) // 2
-    scalar_bits[0] = 0 if zeros >= rank else _median_bits(flat_bits, rank, _bin_shift(flat_bits.shape[0]))
+    scalar_bits[0] = 0 if zeros >= rank else _median_bits(flat_bits, rank, _bin_shift(flat_bits.shape[0]), parts)
     norm_bits = norms.view(np.int32)
-    scalar_bits[1] = _median_bits(norm_bits, (tokens + 1) // 2, _bin_shift(tokens))
+    scalar_bits[1] = _median_bits(norm_bits, (tokens + 1) // 2, _bin_shift(tokens), 1)
     largest = np.int32(0)
     for n in range(tokens):
         largest = max(largest, norm_bits[n] & _MAGNITUDE)  # a NaN's pattern is over every number's
@@ -378,10 +476,20 @@ def _to_float16(values, out):
         out[i] = np.uint16(sign | (_FLOAT16_NAN if magnitude > np.int32(_POSITIVE_INFINITY_BITS) else half))
 
 
-@_summing
-def _pool_channels(values, row_starts, row_ends, column_starts, column_ends, out, half):
+@_spread
+def _pool_channels(values, row_starts, row_ends, column_starts, column_ends, out, half, parts):
     """out[c] (oh, ow): the average of each window of values[c] (H, W), as float32, or with ``half`` as float16
-    bit patterns (clamped to its range) in a uint16 ``out``. Each output row's window rows are summed column by column (a
+    bit patterns (clamped to its range) in a uint16 ``out``; each of ``parts`` runs of whole channels one
+    thread's."""
+    for part in _prange(parts):
+        first, end = _run(values.shape[0], parts, part)
+        _pool_channel_run(values[first:end], row_starts, row_ends, column_starts, column_ends, out[first:end],
+                          half)
+
+
+@_summing
+def _pool_channel_run(values, row_starts, row_ends, column_starts, column_ends, out, half):
+    """``_pool_channels`` of one run of channels. Each output row's window rows are summed column by column (a
     vectorized pass over W), then each window's columns."""
     column_sums = np.empty(values.shape[2], np.float32)
     averages = np.empty(out.shape[2], np.float32)
@@ -401,10 +509,19 @@ def _pool_channels(values, row_starts, row_ends, column_starts, column_ends, out
             _store(averages, out[c, oy], half)
 
 
+@_spread
+def _pool_tokens(values, row_starts, row_ends, column_starts, column_ends, out, half, parts):
+    """out (C, oh, ow): the average of each window of the (H, W, C) tokens; float32, or float16 bit patterns
+    with ``half``, as ``_pool_channels``; each of ``parts`` runs of output rows one thread's."""
+    for part in _prange(parts):
+        first, end = _run(out.shape[1], parts, part)
+        _pool_token_run(values, row_starts[first:end], row_ends[first:end], column_starts, column_ends,
+                        out[:, first:end], half)
+
+
 @_summing
-def _pool_tokens(values, row_starts, row_ends, column_starts, column_ends, out, half):
-    """out (C, oh, ow): the average of each window of the (H, W, C) tokens, summed a whole token (C contiguous
-    values) at a time; float32, or float16 bit patterns with ``half``, as ``_pool_channels``."""
+def _pool_token_run(values, row_starts, row_ends, column_starts, column_ends, out, half):
+    """``_pool_tokens`` of one run of output rows, summed a whole token (C contiguous values) at a time."""
     window = np.empty(values.shape[2], np.float32)
     stored = np.empty(values.shape[2], out.dtype)
     for oy in range(out.shape[1]):
@@ -439,13 +556,14 @@ def _windows(size: int, pooled: int) -> Tuple[np.ndarray, np.ndarray]:
     return index * size // pooled, ((index + 1) * size + pooled - 1) // pooled
 
 
-def average_pool(fmap: torch.Tensor, size: Tuple[int, int], out: Optional[torch.Tensor] = None
-                 ) -> Optional[torch.Tensor]:
+def average_pool(fmap: torch.Tensor, size: Tuple[int, int], out: Optional[torch.Tensor] = None,
+                 parts: Optional[int] = None) -> Optional[torch.Tensor]:
     """(B, C, h, w): ``F.adaptive_avg_pool2d(fmap, size)`` of a float32 CPU map (B, C, H, W), read once in
     place, channel-major or token-major (a view of (B, H, W, C) tokens), written into ``out`` when given (a
     contiguous float32 or float16 CPU tensor; float16 averages are clamped to its range, NaN kept) or a new
     float32 tensor; None when the kernels cannot take it (the caller then uses PyTorch). Sums are float32 in
-    another order than PyTorch's: equal to within float32 rounding."""
+    another order than PyTorch's: equal to within float32 rounding. ``parts``: runs spread over threads
+    (default: one per PyTorch thread); the figures do not depend on it."""
     if not fused_available() or fmap.device.type != 'cpu' or fmap.dtype != torch.float32 or fmap.dim() != 4 \
             or not fmap.numel() or fmap.requires_grad:
         return None
@@ -458,12 +576,13 @@ def average_pool(fmap: torch.Tensor, size: Tuple[int, int], out: Optional[torch.
     half = out.dtype == torch.float16
     written = out.view(torch.int16).numpy().view(np.uint16) if half else out.numpy()
     rows, columns = _windows(height, size[0]), _windows(width, size[1])
+    parts = _parts(parts)
     if fmap.is_contiguous():
         _pool_channels(fmap.reshape(batch * channels, height, width).numpy(), *rows, *columns,
-                       written.reshape(batch * channels, *size), half)
+                       written.reshape(batch * channels, *size), half, parts)
     elif all(image.permute(1, 2, 0).is_contiguous() for image in fmap):
-        for image, image_out in zip(fmap, written):
-            _pool_tokens(image.permute(1, 2, 0).numpy(), *rows, *columns, image_out, half)  # (H, W, C) tokens
+        for image, image_out in zip(fmap, written):  # (H, W, C) tokens
+            _pool_tokens(image.permute(1, 2, 0).numpy(), *rows, *columns, image_out, half, parts)
     else:
         return None
     return out
@@ -478,12 +597,14 @@ def _layout(values: torch.Tensor) -> Optional[str]:
     return None
 
 
-def reduce_map(values: torch.Tensor, top_k: int, sun_bar: Tuple[float, float]) -> Optional[FusedReduction]:
+def reduce_map(values: torch.Tensor, top_k: int, sun_bar: Tuple[float, float], parts: Optional[int] = None
+               ) -> Optional[FusedReduction]:
     """Fused statistics of a (C, N) float32 CPU map, or None when the kernels cannot take it (no numba, another
     device or dtype, a layout other than channel- or token-major): the caller then uses PyTorch.
 
     ``sun_bar`` (minimum magnitude, median factor) defines Sun et al.'s massive activations, as
-    :mod:`t2t_viz.stats` gives it."""
+    :mod:`t2t_viz.stats` gives it. ``parts``: runs of the map spread over threads (default: one per PyTorch
+    thread); the figures of a given count are always the same."""
     if not fused_available() or values.device.type != 'cpu' or values.dtype != torch.float32 \
             or values.dim() != 2 or not values.numel() or values.requires_grad:
         return None
@@ -495,7 +616,7 @@ def reduce_map(values: torch.Tensor, top_k: int, sun_bar: Tuple[float, float]) -
     array = (values.t() if token_major else values).numpy()  # C-contiguous (N, C) or (C, N)
     k = min(top_k, values.numel())
     floats, ints = np.empty(4 * channels + tokens + k + 3, np.float32), np.empty(2 * k + 1, np.int64)
-    _reduce(array, token_major, float(sun_bar[0]), float(sun_bar[1]), floats, ints)
+    _reduce(array, token_major, float(sun_bar[0]), float(sun_bar[1]), floats, ints, _parts(parts))
     # tensors made from NumPy views: a NumPy slice and torch.from_numpy cost less than splitting a tensor
     parts = [torch.from_numpy(floats[start:start + channels]) for start in range(0, 4 * channels, channels)]
     norms = torch.from_numpy(floats[4 * channels:4 * channels + tokens])  # (N,)

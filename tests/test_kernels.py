@@ -227,7 +227,8 @@ def test_compiling_once_fills_numba_s_cache_for_later_processes(tmp_path):
     cached = {path.name.split('.')[1] for path in tmp_path.rglob('kernels.*.nbi')}  # kernels.<function>-<line>.nbi
     names = {'_reduce', '_bin_shift', '_sun_count', '_channel_major', '_token_major', '_combine', '_median_bits',
              '_histogram', '_find_bin', '_collect', '_top_magnitudes', '_first_maxima', '_count_over',
-             '_pool_channels', '_pool_tokens'}
+             '_pool_channels', '_pool_tokens', '_channel_run', '_token_run', '_count_bins', '_pool_channel_run',
+             '_pool_token_run', '_to_float16', '_store', '_run'}
     assert names <= {name.rsplit('-', 1)[0] for name in cached}, cached
 
 
