@@ -31,7 +31,17 @@ def _reference(values: np.ndarray, k: int = 5) -> dict:
 
 
 def _check(values: torch.Tensor, k: int = 5) -> kernels.FusedReduction:
-    reduced = kernels.reduce_map(values, k, SUN_BAR)
+    """Every figure against NumPy with the map cut into 1, 2 and 3 runs (as many threads; 3 runs on 2 cores
+    split unevenly), then once more with 2 runs: the same figures, bit for bit."""
+    reduced = [_check_runs(values, k, parts) for parts in (1, 2, 3)]
+    again = kernels.reduce_map(values, k, SUN_BAR, parts=2)
+    for name, figure in vars(again).items():
+        assert torch.equal(figure.nan_to_num(), getattr(reduced[1], name).nan_to_num()), name
+    return reduced[1]
+
+
+def _check_runs(values: torch.Tensor, k: int, parts: int) -> kernels.FusedReduction:
+    reduced = kernels.reduce_map(values, k, SUN_BAR, parts=parts)
     expected = _reference(values.contiguous().numpy(), k)
     for name in ('minimum', 'maximum', 'max_abs', 'median_abs', 'top_values', 'top_channels', 'top_positions'):
         np.testing.assert_array_equal(getattr(reduced, name).numpy(), expected[name], err_msg=name)
@@ -259,6 +269,8 @@ def test_display_pooling_cuts_windows_as_adaptive_pooling_in_both_layouts(shape,
         torch.testing.assert_close(pooled, torch.nn.functional.adaptive_avg_pool2d(fmap, size), rtol=1e-5,
                                    atol=2e-7)
         assert pooled.is_contiguous()
+        for parts in (1, 3):  # runs of channels or output rows over threads: the same sums, bit for bit
+            assert torch.equal(kernels.average_pool(fmap, size, parts=parts), pooled)
 
 
 def test_display_pooling_propagates_nan_and_infinity():
