@@ -38,15 +38,17 @@ def _fused_parts(fmap: torch.Tensor, reduced: kernels.FusedReduction) -> Dict[st
     top = np.empty(stats.TOP_K, np.float32), np.empty(stats.TOP_K, np.int64), np.empty(stats.TOP_K, np.int64)
     np.copyto(figures[2], reduced.max_abs.numpy().view(np.int32))
     threshold = float(stats._sun_bar(reduced.median_abs))
+    parts = kernels._parts()  # runs of the map over threads, as reduce_map cuts it
+
     def one_pass() -> int:
-        return first_pass(array, bits, key_max, key_min, sums, squares)
+        return first_pass(array, bits, key_max, key_min, sums, squares, parts)
 
     flat_bits, rank = bits.reshape(-1), (bits.size + 1) // 2
     shift = kernels._bin_shift(bits.size)
     zeros = one_pass()  # the median's passes run only when zeros are not half of the map
     return {
         'one pass: channels, norms, zeros': one_pass,
-        'median |x|: histogram, selection': lambda: zeros < rank and kernels._median_bits(flat_bits, rank, shift),
+        'median |x|: histogram, selection': lambda: zeros < rank and kernels._median_bits(flat_bits, rank, shift, parts),
         'top activations': lambda: kernels._top_magnitudes(array, bits, token_major, figures[2], *top),
         'Sun count': lambda: kernels.count_over(values, threshold),
     }

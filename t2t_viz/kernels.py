@@ -244,10 +244,12 @@ def _combine(key_max, key_min, sums, squares, tokens, minimum_bits, maximum_bits
 
 
 @_spread
-def _histogram(flat_bits, shift, counts, parts):
-    """counts (4, bins): how many |x| of the bit patterns ``flat_bits`` fall in each bin of their bits >> shift;
-    each of ``parts`` contiguous runs counted by one thread into its own counters, which are then added."""
-    later_counts = np.empty((parts - 1, counts.shape[0], counts.shape[1]), np.int32)
+def _histogram(flat_bits, shift, counts, later_counts):
+    """counts (4, bins): how many |x| of the bit patterns ``flat_bits`` fall in each bin of their bits >> shift.
+    The array is cut into 1 + len(later_counts) contiguous runs, each counted by one thread into its own
+    counters (the first run into ``counts``), which are then added into ``counts``; ``later_counts`` keeps
+    the later runs' own."""
+    parts = 1 + later_counts.shape[0]
     for part in _prange(parts):
         first, end = _run(flat_bits.shape[0], parts, part)
         _count_bins(flat_bits[first:end], shift, counts if part == 0 else later_counts[part - 1])
@@ -284,8 +286,25 @@ def _find_bin(counts, rank):
     return counts.shape[1], before, 0
 
 
+@_spread
+def _collect(flat_bits, shift, high, chosen, later_counts):
+    """chosen: every |x| bit pattern of ``flat_bits`` in bin ``high``, in memory order, each of the runs that
+    ``_histogram`` cut (and counted: ``later_counts``) collected by one thread into its own stretch."""
+    parts = 1 + later_counts.shape[0]
+    starts = np.zeros(parts + 1, np.int64)  # where each run's values go
+    starts[parts] = chosen.shape[0]
+    for part in range(parts - 1, 0, -1):
+        in_run = 0
+        for row in range(later_counts.shape[1]):
+            in_run += later_counts[part - 1, row, high]
+        starts[part] = starts[part + 1] - in_run
+    for part in _prange(parts):
+        first, end = _run(flat_bits.shape[0], parts, part)
+        _collect_run(flat_bits[first:end], shift, high, chosen[starts[part]:starts[part + 1]])
+
+
 @_jit
-def _collect(part, shift, high, chosen):
+def _collect_run(part, shift, high, chosen):
     """chosen: every |x| bit pattern of ``part`` in bin ``high``, in memory order.
 
     The bin holds a few hundred values of a map, so most blocks of 64 hold none: a vectorized count over
@@ -304,7 +323,6 @@ def _collect(part, shift, high, chosen):
                 if magnitude >> shift == wanted:
                     chosen[found] = magnitude
                     found += 1
-    return found
 
 
 @_jit
@@ -344,10 +362,11 @@ def _median_bits(flat_bits, rank, shift, parts):
     """The rank-th smallest |x| (1-based) of the bit patterns ``flat_bits``: a histogram of their high bits
     (over ``parts`` threads), then a selection among the values of the one bin that holds the answer."""
     counts = np.empty((_SUBHISTOGRAMS, 1 << (31 - shift)), np.int32)
-    _histogram(flat_bits, shift, counts, parts)
+    later_counts = np.empty((parts - 1, _SUBHISTOGRAMS, 1 << (31 - shift)), np.int32)  # each later run's own
+    _histogram(flat_bits, shift, counts, later_counts)
     high, before, in_bin = _find_bin(counts, rank)
     chosen = np.empty(in_bin, np.int32)
-    _collect(flat_bits, shift, high, chosen)
+    _collect(flat_bits, shift, high, chosen, later_counts)
     return np.partition(chosen, rank - before - 1)[rank - before - 1]
 
 
