@@ -28,8 +28,8 @@ allocates afresh: at 1024 they are about 240 MiB for ResNet50, freed when the ca
 library's allocator they cost a fresh mapping (page faults) for each copy over 4 MiB, and the smaller ones,
 alive through the pass, broke the heap into pieces the forward's own activations no longer fit, so that the
 forward faulted in fresh pages too. :data:`display_buffers` keeps them outside that heap, in buffers that a
-later capture reuses: on ResNet50 at 1024 (4 KB pages) a capture went from 1.62x to 1.14x the bare forward
-pass, with the same page faults as the bare pass (``benchmarks/capture_overhead.py``, README).
+later capture reuses: on ResNet50 at 1024 (4 KB pages, alternating rounds in one process) a capture went
+from 1.62x to 1.10x the bare forward pass, with as many page faults as the bare pass (README, Memory).
 """
 from __future__ import annotations
 
