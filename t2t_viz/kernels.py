@@ -27,6 +27,7 @@ compiler vectorizes, with NaN propagated as PyTorch's ``amax`` does.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -114,14 +115,19 @@ else:  # never called: fused_available() is False
     _prange = range
 
 
+_caller = threading.local()  # the numba thread count this caller's thread was last given here
+
+
 def _parts(parts: Optional[int] = None) -> int:
     """Runs to cut a map into: ``parts`` if given, else one per PyTorch intra-op thread (at most numba's
-    threads) where the OpenMP layer loaded, else 1; numba's thread count for this caller is set to match."""
+    threads) where the OpenMP layer loaded, else 1; numba's thread count for this caller is set to match
+    (asking numba for it cost about 10 us a map inside a forward pass's hooks, so it is set on a change)."""
     if not _PARALLEL:
         return max(1, parts or 1)
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != threads:
+    if getattr(_caller, 'threads', None) != threads:
         numba.set_num_threads(threads)
+        _caller.threads = threads
     return parts or threads
 
 
