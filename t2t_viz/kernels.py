@@ -84,11 +84,15 @@ def fused_available() -> bool:
 
 def _openmp_loads() -> bool:
     """Whether numba's OpenMP threading layer is there to spread passes over threads (it needs the system's
-    libgomp; its other layers hand work to threads too slowly for a pass of a millisecond), unless switched
-    off with T2T_VIZ_PARALLEL=0 or another layer is asked for with NUMBA_THREADING_LAYER."""
+    libgomp; its other layers hand work to threads too slowly for a pass of a millisecond, and its workqueue
+    layer cannot take calls from two threads at once), unless switched off with T2T_VIZ_PARALLEL=0, another
+    layer is asked for with NUMBA_THREADING_LAYER, or the process started another layer before."""
     if numba is None or os.environ.get('T2T_VIZ_PARALLEL', '1') == '0' \
             or numba.config.THREADING_LAYER not in ('default', 'omp'):
         return False
+    from numba.np.ufunc import parallel
+    if parallel._is_initialized:  # the process already runs numba's threads: only OpenMP ones will do
+        return numba.threading_layer() == 'omp'
     try:
         from numba.np.ufunc import omppool  # noqa: F401
     except ImportError:

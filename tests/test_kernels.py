@@ -349,3 +349,32 @@ def test_a_capture_keeps_display_copies_pooled_by_the_kernel():
     for layer in pooled:
         expected = torch.nn.functional.adaptive_avg_pool2d(full.layer(layer.name).fmap[None], layer.fmap.shape[-2:])
         torch.testing.assert_close(layer.fmap.float(), expected[0].half().float(), rtol=1e-3, atol=1e-3)
+
+
+_LAYER_STARTED_BEFORE = r'''
+import numba, numpy as np
+numba.config.THREADING_LAYER = 'workqueue'
+
+@numba.njit(parallel=True)
+def fill(values):
+    for i in numba.prange(values.shape[0]):
+        values[i] = i
+
+fill(np.zeros(4))  # the process starts numba's workqueue threads before t2t_viz is imported
+numba.config.THREADING_LAYER = 'default'  # and leaves no trace of it in the configuration
+from t2t_viz import kernels, stats
+import torch
+values = torch.relu(torch.randn(64, 1000))
+reduced = kernels.reduce_map(values, 3, (100.0, 1000.0))
+print(kernels._PARALLEL, numba.threading_layer(), float(reduced.median_abs) == float(values.abs().flatten().kthvalue(32000).values))
+'''
+
+
+def test_kernels_run_on_one_thread_when_the_process_started_another_threading_layer():
+    """numba's workqueue layer, started by other code first, cannot take two sessions' calls at once: the
+    kernels then keep to the calling thread, with the same figures."""
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, '-c', _LAYER_STARTED_BEFORE], capture_output=True, text=True,
+                            timeout=300)
+    assert result.stdout.split() == ['False', 'workqueue', 'True'], result.stderr[-2000:]
