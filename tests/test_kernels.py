@@ -366,7 +366,8 @@ from t2t_viz import kernels, stats
 import torch
 values = torch.relu(torch.randn(64, 1000))
 reduced = kernels.reduce_map(values, 3, (100.0, 1000.0))
-print(kernels._PARALLEL, numba.threading_layer(), float(reduced.median_abs) == float(values.abs().flatten().kthvalue(32000).values))
+exact = float(values.abs().flatten().kthvalue(32000).values)
+print(kernels._PARALLEL, numba.threading_layer(), float(reduced.median_abs) == exact)
 '''
 
 
