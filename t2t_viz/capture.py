@@ -206,10 +206,11 @@ class Recorder:
         pooled = size != (height, width)
         if not (pooled or must_copy or fmap.dtype != self.dtype or fmap.device.type not in ('cpu', 'meta')):
             return fmap  # rebuilt from tokens, or a module output nothing writes to later: kept as it is
+        shape = (*fmap.shape[:2], *size)  # (B, C, h, w)
         if fmap.is_meta:  # shape-only (memory estimation): the copy's bytes
-            return torch.empty((*fmap.shape[:2], *size), dtype=self.dtype, device='meta')
+            return torch.empty(shape, dtype=self.dtype, device='meta')
         # copies go to reused host buffers: fresh memory for every pass cost page faults and split the heap
-        kept = display_buffers.empty((*fmap.shape[:2], *size), self.dtype)
+        kept = display_buffers.empty(shape, self.dtype)
         if pooled and kernels.average_pool(fmap, size, out=kept) is not None:
             return kept  # pooled in place; float16 averages are clamped to its range by the kernel
         source = F.adaptive_avg_pool2d(fmap.float(), size) if pooled else fmap
