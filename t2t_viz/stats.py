@@ -32,13 +32,14 @@ import csv
 import io
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Dict, Iterable, List, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 import torch
 
 from .capture import REAL_FORWARD, Layer
-from .kernels import first_max_positions, reduce_map
+from .kernels import FusedReduction, first_max_positions, reduce_map
 
 __all__ = ['Thresholds', 'ChannelStats', 'LayerStats', 'PrefixStats', 'LayerSummary', 'PrefixToken',
            'TopActivation', 'channel_stats', 'layer_stats', 'max_positions', 'kth_smallest_abs', 'summarize',
@@ -59,6 +60,7 @@ PER_CHANNEL_COLUMNS = ('model', 'weights', 'layer', 'kind', 'depth', 'channel', 
 TOP_K = 5  # top activations kept per layer and image
 SUN_MIN_MAGNITUDE = 100.0
 SUN_MEDIAN_FACTOR = 1000.0
+_SUN_BAR = (SUN_MIN_MAGNITUDE, SUN_MEDIAN_FACTOR)
 _DIRECT_SELECTION = 32_768  # sets up to this size are handed to kthvalue; larger ones are narrowed first
 
 
@@ -78,20 +80,24 @@ class ChannelStats:
     maximum: torch.Tensor  # (C,)
 
     def flags(self, thresholds: Thresholds = Thresholds()) -> Dict[str, np.ndarray]:
-        """Boolean (C,) masks 'dead', 'flat', 'massive' (massive against the median of the live channels).
+        """Boolean (C,) masks 'dead', 'flat', 'massive' (massive against the median of the live channels)."""
+        return _channel_flags(self.max_abs.numpy(), self.minimum.numpy(), self.maximum.numpy(), thresholds)
 
-        In float32, as the statistics are; NumPy, because a handful of operations on a few hundred values
-        cost PyTorch's dispatch more than the arithmetic (this runs for every layer of every image)."""
-        max_abs = self.max_abs.numpy()
-        dead = max_abs <= np.float32(thresholds.dead_atol)
-        live = ~dead
-        spread = self.maximum.numpy() - self.minimum.numpy()
-        flat = live & (spread <= np.float32(thresholds.flat_atol) * np.maximum(max_abs, np.float32(1)))
-        live_max_abs = max_abs[live]  # (live,)
-        if not live_max_abs.size:
-            return {'dead': dead, 'flat': flat, 'massive': np.zeros_like(dead)}
-        massive = live & (max_abs > np.float32(thresholds.massive_factor) * _lower_median(live_max_abs))
-        return {'dead': dead, 'flat': flat, 'massive': massive}
+
+def _channel_flags(max_abs: np.ndarray, minimum: np.ndarray, maximum: np.ndarray, thresholds: Thresholds
+                   ) -> Dict[str, np.ndarray]:
+    """:meth:`ChannelStats.flags` of (C,) float32 arrays. In float32, as the statistics are; NumPy, because a
+    handful of operations on a few hundred values cost PyTorch's dispatch more than the arithmetic (this runs
+    for every layer of every image)."""
+    dead = max_abs <= np.float32(thresholds.dead_atol)
+    live = ~dead
+    spread = maximum - minimum
+    flat = live & (spread <= np.float32(thresholds.flat_atol) * np.maximum(max_abs, np.float32(1)))
+    live_max_abs = max_abs[live]  # (live,)
+    if not live_max_abs.size:
+        return {'dead': dead, 'flat': flat, 'massive': np.zeros_like(dead)}
+    massive = live & (max_abs > np.float32(thresholds.massive_factor) * _lower_median(live_max_abs))
+    return {'dead': dead, 'flat': flat, 'massive': massive}
 
 
 def _lower_median(values: np.ndarray) -> np.float32:
@@ -137,9 +143,73 @@ class LayerStats:
     max_positions: Optional[torch.Tensor] = None  # (C,) int64 where each channel's maximum is, -1 where not asked
 
     @property
-    def largest_magnitude(self) -> torch.Tensor:
-        """() the map's largest |x| (NaN when it holds a NaN)."""
-        return self.channels.max_abs.max()
+    def largest_magnitude(self) -> float:
+        """The map's largest |x| (NaN when it holds a NaN)."""
+        return float(self.channels.max_abs.max())
+
+    def numbers(self) -> '_Numbers':
+        """What :func:`summarize` reads, as NumPy arrays and Python numbers."""
+        channels = self.channels
+        return _Numbers(channels.max_abs.numpy(), channels.minimum.numpy(), channels.maximum.numpy(),
+                        self.token_norms.reshape(-1).numpy(), self.top_values.tolist(), self.top_channels.tolist(),
+                        self.top_positions.tolist(), float(self.median_abs), int(self.sun_massive),
+                        float(self.median_token_norm), float(self.max_token_norm))
+
+
+@dataclass
+class _Numbers:
+    max_abs: np.ndarray  # (C,) float32
+    minimum: np.ndarray  # (C,) float32
+    maximum: np.ndarray  # (C,) float32
+    token_norms: np.ndarray  # (N,) float32
+    top_values: List[float]
+    top_channels: List[int]
+    top_positions: List[int]
+    median_abs: float
+    sun_massive: int
+    median_token_norm: float
+    max_token_norm: float
+
+
+class _FusedLayerStats(LayerStats):
+    """LayerStats viewing the fused kernels' output (:class:`t2t_viz.kernels.FusedReduction`), whose tensors
+    are made when first read: after the pass rather than inside the capture hook, where every Python step
+    runs on caches the forward pass has just evicted."""
+
+    def __init__(self, fused: FusedReduction, grid: Tuple[int, int], prefix: Optional[PrefixStats],
+                 positions: Optional[torch.Tensor]):
+        self._fused, self._grid = fused, grid
+        self.prefix, self.max_positions = prefix, positions
+
+    @cached_property
+    def channels(self) -> ChannelStats:
+        fused = self._fused
+        return ChannelStats(fused.max_abs, fused.mean, fused.minimum, fused.maximum)
+
+    @cached_property
+    def token_norms(self) -> torch.Tensor:
+        return self._fused.token_norms.reshape(self._grid)
+
+    top_values = property(lambda self: self._fused.top_values)
+    top_channels = property(lambda self: self._fused.top_channels)
+    top_positions = property(lambda self: self._fused.top_positions)
+    median_abs = property(lambda self: self._fused.median_abs)
+    sun_massive = property(lambda self: self._fused.sun_massive)
+    median_token_norm = property(lambda self: self._fused.median_token_norm)
+    max_token_norm = property(lambda self: self._fused.max_token_norm)
+
+    @property
+    def largest_magnitude(self) -> float:
+        return self._fused.largest_magnitude
+
+    def numbers(self) -> _Numbers:  # read from the kernels' arrays: no tensor is made
+        fused, floats, ints = self._fused, self._fused.floats, self._fused.ints
+        channels, tokens, k = fused.channels, fused.tokens, fused.k
+        median_abs, median_norm, max_norm = floats[-3:].tolist()
+        return _Numbers(floats[2 * channels:3 * channels], floats[:channels], floats[channels:2 * channels],
+                        floats[4 * channels:4 * channels + tokens],
+                        floats[4 * channels + tokens:4 * channels + tokens + k].tolist(), ints[:k].tolist(),
+                        ints[k:2 * k].tolist(), median_abs, int(ints[2 * k]), median_norm, max_norm)
 
 
 def _count(mask: torch.Tensor) -> int:
@@ -307,16 +377,13 @@ def layer_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None, top_k
     results are small and on the CPU.
     """
     values = fmap.reshape(fmap.shape[0], -1).float()  # (C, N)
-    fused = reduce_map(values, top_k, (SUN_MIN_MAGNITUDE, SUN_MEDIAN_FACTOR))
+    fused = reduce_map(values, top_k, _SUN_BAR)
     if fused is not None:  # the fused kernels' results, already on the CPU
         positions = None if position_floor is None else first_max_positions(values, fused.maximum, position_floor)
         prefix_stats = None
         if prefix is not None and prefix.shape[0]:
             prefix_stats = _prefix_stats(prefix, float(_sun_bar(fused.median_abs)))
-        return LayerStats(ChannelStats(fused.max_abs, fused.mean, fused.minimum, fused.maximum),
-                          fused.token_norms.reshape(fmap.shape[1:]), fused.top_values, fused.top_channels,
-                          fused.top_positions, fused.median_abs, fused.sun_massive, fused.median_token_norm,
-                          fused.max_token_norm, prefix_stats, positions)
+        return _FusedLayerStats(fused, fmap.shape[1:], prefix_stats, positions)
     # another device, or no numba: PyTorch's reductions, one statistic at a time
     channels = channel_stats(fmap)
     token_norms = (values * values).sum(dim=0).sqrt()  # (N,)
@@ -475,13 +542,12 @@ class LayerSummary:
 def summarize(layer: Layer, thresholds: Thresholds = Thresholds()) -> LayerSummary:
     """Flags and figures of one layer, from the statistics reduced during capture (or from its full map)."""
     reduced = layer.stats if isinstance(layer.stats, LayerStats) else layer_stats(layer.fmap)
-    flags = reduced.channels.flags(thresholds)
+    numbers = reduced.numbers()
+    flags = _channel_flags(numbers.max_abs, numbers.minimum, numbers.maximum, thresholds)
     width = layer.width
-    top = [TopActivation(float(value), int(channel), int(position) // width, int(position) % width)
-           for value, channel, position in zip(reduced.top_values.tolist(), reduced.top_channels.tolist(),
-                                               reduced.top_positions.tolist())]
-    median_norm = float(reduced.median_token_norm)
-    high_norm_bar = thresholds.high_norm_factor * median_norm
+    top = [TopActivation(value, channel, position // width, position % width)
+           for value, channel, position in zip(numbers.top_values, numbers.top_channels, numbers.top_positions)]
+    high_norm_bar = thresholds.high_norm_factor * numbers.median_token_norm
     prefix = []
     if reduced.prefix is not None:
         prefix = [PrefixToken(index, max_abs, channel, norm, sun, norm > high_norm_bar)
@@ -492,9 +558,9 @@ def summarize(layer: Layer, thresholds: Thresholds = Thresholds()) -> LayerSumma
         name=layer.name, label=layer.label, kind=layer.kind, depth=layer.depth, height=layer.height,
         width=width, channels=layer.channels, dead_ids=_ids(flags['dead']), flat_ids=_ids(flags['flat']),
         massive_ids=_ids(flags['massive']), stats=reduced.channels, token_norms=reduced.token_norms, top=top,
-        median_abs=float(reduced.median_abs), sun_massive=int(reduced.sun_massive),
-        median_token_norm=median_norm, max_token_norm=float(reduced.max_token_norm),
-        high_norm_tokens=int(np.count_nonzero(reduced.token_norms.numpy() > high_norm_bar)),
+        median_abs=numbers.median_abs, sun_massive=numbers.sun_massive,
+        median_token_norm=numbers.median_token_norm, max_token_norm=numbers.max_token_norm,
+        high_norm_tokens=int(np.count_nonzero(numbers.token_norms > high_norm_bar)),
         high_norm_factor=thresholds.high_norm_factor, prefix=prefix)
 
 
