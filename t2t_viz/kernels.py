@@ -40,6 +40,7 @@ _FINEST_SHIFT = 17  # the median's histogram bins |x| by its bits >> 17 at most:
 _COARSEST_SHIFT = 25  # and >> 25 at least (64 bins), so that its counters never outweigh a small map
 _SUBHISTOGRAMS = 4  # independent counters for neighbouring values, so increments do not wait on each other
 _COLLECT_BLOCK = 64  # values the median's last pass counts at once before it copies any
+_DIRECT_SELECTION = 8192  # up to this many values, a median is selected among copies of them all
 _POSITIVE_INFINITY_KEY = 0x7F800000
 _NEGATIVE_INFINITY_KEY = -0x7F800001  # the order key of -inf
 _POSITIVE_INFINITY_BITS = 0x7F800000
@@ -422,7 +423,10 @@ def _top_magnitudes(array, bits, token_major, max_abs_bits, values, channels, po
 @_jit
 def _median_bits(flat_bits, rank, shift, parts):
     """The rank-th smallest |x| (1-based) of the bit patterns ``flat_bits``: a histogram of their high bits
-    (over ``parts`` threads), then a selection among the values of the one bin that holds the answer."""
+    (over ``parts`` threads), then a selection among the values of the one bin that holds the answer; a
+    selection among all of them when they are few (the histogram's counters cost more there)."""
+    if flat_bits.shape[0] <= _DIRECT_SELECTION:
+        return np.partition(flat_bits & _MAGNITUDE, rank - 1)[rank - 1]
     counts = np.empty((_SUBHISTOGRAMS, 1 << (31 - shift)), np.int32)
     later_counts = np.empty((parts - 1, _SUBHISTOGRAMS, 1 << (31 - shift)), np.int32)  # each later run's own
     _histogram(flat_bits, shift, counts, later_counts)

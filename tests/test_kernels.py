@@ -85,9 +85,11 @@ def test_a_token_map_cut_from_a_batch_with_prefix_tokens_is_read_in_place():
     _check(values)
 
 
-@pytest.mark.parametrize('size', [1, 2, 7, 8, 1 << 18, (1 << 18) + 1])
+@pytest.mark.parametrize('size', [1, 2, 7, 8, kernels._DIRECT_SELECTION, kernels._DIRECT_SELECTION + 1, 1 << 18,
+                                  (1 << 18) + 1])
 def test_ties_at_the_median_and_both_parities(size):
-    """Half the values share one |x| (ReLU output shifted down): the answer's bin is mostly one value."""
+    """Half the values share one |x| (ReLU output shifted down): the answer's bin is mostly one value. Up to
+    _DIRECT_SELECTION values the median is selected directly, beyond it through the histogram."""
     generator = torch.Generator().manual_seed(size)
     flat = torch.relu(torch.randn(size, generator=generator)) - 0.01
     _check(flat.reshape(1, -1))
@@ -96,21 +98,21 @@ def test_ties_at_the_median_and_both_parities(size):
 
 @pytest.mark.parametrize('zeros_minus_rank', [-1, 0, 1])
 def test_zeros_settle_the_median_exactly_at_the_boundary(zeros_minus_rank):
-    count = 4097  # odd: the rank is 2049
+    count = 16385  # odd, and past the direct selection's size: the rank is 8193
     rank = (count + 1) // 2
     values = torch.arange(1, count + 1, dtype=torch.float32)
     values[:rank + zeros_minus_rank] = 0.0
     values[1::7] *= -1  # signed zeros and signed values
-    reduced = _check(values[torch.randperm(count, generator=torch.Generator().manual_seed(3))].reshape(17, 241))
+    reduced = _check(values[torch.randperm(count, generator=torch.Generator().manual_seed(3))].reshape(5, 3277))
     assert (float(reduced.median_abs) == 0.0) == (zeros_minus_rank >= 0)
 
 
 def test_a_median_among_subnormal_values_next_to_zeros():
     """Zeros and subnormals share the lowest bin: the median there is the exact subnormal, not 0."""
     tiny = np.float32(1e-42)
-    values = np.array([0.0] * 40 + [tiny * i for i in range(1, 61)], np.float32)
+    values = np.array([0.0] * 4000 + [tiny * i for i in range(1, 6001)], np.float32)  # past the direct selection
     np.random.default_rng(4).shuffle(values)
-    reduced = _check(torch.from_numpy(values).reshape(4, 25))
+    reduced = _check(torch.from_numpy(values).reshape(4, 2500))
     assert 0 < float(reduced.median_abs) < 1e-38
 
 
@@ -118,7 +120,7 @@ def test_a_median_among_subnormal_values_next_to_zeros():
 def test_the_median_s_bin_read_at_block_edges(places):
     """The four values of the median's bin sit at the edges of the blocks the last pass skips or reads (the
     first and last value of a block, the short last block); the rest lie many bins below or above."""
-    size = 64 * 50 + 13
+    size = 64 * 200 + 13  # past the direct selection's size
     values = np.full(size, 1e3, np.float32)
     values[:size // 2 - 2] = 1e-6  # below the bin: the median is the third of the four
     middle = np.nextafter(np.float32(1.0), np.float32(2.0)) ** np.arange(4, dtype=np.float32)
