@@ -330,6 +330,31 @@ def test_display_buffers_shared_by_threads_stay_consistent():
     assert buffers.in_use_bytes == 0 and buffers.idle_bytes <= 64 * 2**20
 
 
+def test_a_pass_keeps_its_copies_in_one_buffer_held_while_any_of_them_is(cloned_outputs):
+    """After a first pass of a model, input shape and options, the next ones put all their copies in one
+    buffer of the size the first copied: the same values. One map still held keeps that whole buffer from
+    being written by later passes."""
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18', num_classes=10).eval()
+    cat, noise = torch.randn(1, 3, 96, 96), torch.randn(1, 3, 96, 96)
+    options = dict(dtype=torch.float16, max_side=16)
+    first = capture.run(model, cat, **options)[0]
+    second = capture.run(model, cat, **options)[0]
+    storages = {layer.fmap.untyped_storage().data_ptr() for layer in second.layers}
+    assert len({layer.fmap.untyped_storage().data_ptr() for layer in first.layers}) > 1 and len(storages) == 1
+    assert all(torch.equal(a.fmap, b.fmap) for a, b in zip(first.layers, second.layers))
+    expected = torch.nn.functional.adaptive_avg_pool2d(cloned_outputs(model, cat, ['layer1'])['layer1'], 16)[0]
+    torch.testing.assert_close(second.layer('layer1').fmap, expected.half(), rtol=1e-3, atol=1e-3)
+    held = second.layer('layer4').fmap  # one small map of the pass
+    held_values = held.clone()
+    del first, second
+    for _ in range(3):
+        other = capture.run(model, noise, **options)[0]
+        assert held.untyped_storage().data_ptr() not in {layer.fmap.untyped_storage().data_ptr()
+                                                        for layer in other.layers}
+        assert torch.equal(held, held_values)
+
+
 def test_a_capture_reuses_the_display_memory_of_dropped_captures_only(cloned_outputs):
     """Display copies of a capture still held are never written by the next one; once it is dropped, the next
     capture's copies are made in its memory, with the values a fresh pass gives."""
@@ -337,6 +362,7 @@ def test_a_capture_reuses_the_display_memory_of_dropped_captures_only(cloned_out
     model = timm.create_model('resnet18', num_classes=10).eval()
     cat, noise = torch.randn(1, 3, 256, 256), torch.randn(1, 3, 256, 256)
     options = dict(dtype=torch.float16, max_side=32)
+    capture.run(model, cat, **options)  # the first pass: later ones know how much to copy, into one buffer
     held = capture.run(model, cat, **options)[0]
     held_copies = {layer.name: layer.fmap.clone() for layer in held.layers}
     other = capture.run(model, noise, **options)[0]
