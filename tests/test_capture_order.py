@@ -179,6 +179,20 @@ def test_a_module_replaced_after_a_capture_is_hooked_in_the_next():
     assert float(second.layer('layer1.0.act1').fmap.max()) == 0.25
 
 
+def test_a_block_replaced_whole_after_a_capture_is_hooked_in_the_next():
+    """The old block still holds its old ReLUs, so only the stage's own entry for the block tells."""
+    import copy
+    model = timm.create_model('resnet18').eval()
+    x = torch.randn(1, 3, 64, 64)
+    first = capture.run(model, x)[0]
+    block = copy.deepcopy(model.layer2[1])
+    block.act2 = _CappedReLU()
+    model.layer2[1] = block
+    second = capture.run(model, x)[0]
+    assert float(first.layer('layer2.1.act2').fmap.max()) > 0.25
+    assert float(second.layer('layer2.1.act2').fmap.max()) == 0.25
+
+
 def test_a_block_removed_after_a_capture_is_left_out_of_the_next():
     model = timm.create_model('resnet18').eval()
     x = torch.randn(1, 3, 64, 64)
