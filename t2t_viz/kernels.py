@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -62,72 +62,58 @@ except ImportError:  # the statistics fall back to PyTorch's reductions
 
 class FusedReduction:
     """What one fused reduction of a (C, N) map gives: CPU tensors viewing the two arrays that :func:`_reduce`
-    wrote, each made when read. A capture hook then runs little more than the kernel itself: there,
-    every Python step runs on caches that the forward pass has just evicted, several times slower than after
-    the pass (building these tensors in the hooks cost a ResNet50 pass at 224 about 2 ms)."""
+    wrote, each made when read (:meth:`array` gives the NumPy view itself). A capture hook then runs little
+    more than the kernel: there, every Python step runs on caches that the forward pass has just evicted,
+    several times slower than after the pass (building these tensors in the hooks cost a ResNet50 pass at
+    224 about 2 ms).
+
+    Attributes (tensors): minimum, maximum, max_abs (C,) float32, NaN where the channel holds a NaN; mean (C,)
+    float32, summed in float64; token_norms (N,) float32, squares summed in float64; top_values (k,) float32,
+    the signed values of the k largest |x|, largest first; top_channels, top_positions (k,) int64; median_abs,
+    median_token_norm, max_token_norm () float32 (medians exact and lower); sun_massive () int64, values with
+    |x| > max(100, 1000 x median |x|)."""
 
     def __init__(self, floats: np.ndarray, ints: np.ndarray, channels: int, tokens: int):
         self.floats, self.ints = floats, ints  # (4 C + N + k + 3,) float32, (2 k + 1,) int64
         self.channels, self.tokens, self.k = channels, tokens, (ints.shape[0] - 1) // 2
+        self._views: Optional[Dict[str, np.ndarray]] = None
 
-    def _floats(self, start: int, size: int) -> torch.Tensor:
-        return torch.from_numpy(self.floats[start:start + size])
+    def array(self, name: str) -> np.ndarray:
+        """The figure ``name`` (one of the attributes) as a NumPy view of the kernel's output."""
+        if self._views is None:  # made once, after the pass, when first asked for
+            channels, tokens, k, floats = self.channels, self.tokens, self.k, self.floats
+            per_channel = floats[:4 * channels].reshape(4, channels)
+            top = 4 * channels + tokens
+            self._views = {
+                'minimum': per_channel[0], 'maximum': per_channel[1], 'max_abs': per_channel[2],
+                'mean': per_channel[3], 'token_norms': floats[4 * channels:top], 'top_values': floats[top:top + k],
+                'median_abs': floats[top + k:top + k + 1].reshape(()),
+                'median_token_norm': floats[top + k + 1:top + k + 2].reshape(()),
+                'max_token_norm': floats[top + k + 2:top + k + 3].reshape(()),
+                'top_channels': self.ints[:k], 'top_positions': self.ints[k:2 * k],
+                'sun_massive': self.ints[2 * k:].reshape(())}
+        return self._views[name]
 
-    def _scalar(self, from_end: int) -> torch.Tensor:
-        return torch.from_numpy(self.floats[self.floats.shape[0] - from_end:][:1].reshape(()))
+    def _tensor(self, name: str) -> torch.Tensor:
+        return torch.from_numpy(self.array(name))
+
+    minimum = property(lambda self: self._tensor('minimum'))
+    maximum = property(lambda self: self._tensor('maximum'))
+    max_abs = property(lambda self: self._tensor('max_abs'))
+    mean = property(lambda self: self._tensor('mean'))
+    token_norms = property(lambda self: self._tensor('token_norms'))
+    top_values = property(lambda self: self._tensor('top_values'))
+    top_channels = property(lambda self: self._tensor('top_channels'))
+    top_positions = property(lambda self: self._tensor('top_positions'))
+    median_abs = property(lambda self: self._tensor('median_abs'))
+    median_token_norm = property(lambda self: self._tensor('median_token_norm'))
+    max_token_norm = property(lambda self: self._tensor('max_token_norm'))
+    sun_massive = property(lambda self: self._tensor('sun_massive'))
 
     @property
     def largest_magnitude(self) -> float:
         """The map's largest |x| (NaN when it holds a NaN: the kernel ranks NaN over every number)."""
         return abs(float(self.floats[4 * self.channels + self.tokens]))
-
-    @property
-    def minimum(self) -> torch.Tensor:  # (C,) float32, NaN where the channel holds a NaN
-        return self._floats(0, self.channels)
-
-    @property
-    def maximum(self) -> torch.Tensor:  # (C,) float32, NaN where the channel holds a NaN
-        return self._floats(self.channels, self.channels)
-
-    @property
-    def max_abs(self) -> torch.Tensor:  # (C,) float32, NaN where the channel holds a NaN
-        return self._floats(2 * self.channels, self.channels)
-
-    @property
-    def mean(self) -> torch.Tensor:  # (C,) float32, summed in float64
-        return self._floats(3 * self.channels, self.channels)
-
-    @property
-    def token_norms(self) -> torch.Tensor:  # (N,) float32, squares summed in float64
-        return self._floats(4 * self.channels, self.tokens)
-
-    @property
-    def top_values(self) -> torch.Tensor:  # (k,) float32 signed values of the k largest |x|, largest first
-        return self._floats(4 * self.channels + self.tokens, self.k)
-
-    @property
-    def median_abs(self) -> torch.Tensor:  # () float32, exact lower median of |x|
-        return self._scalar(3)
-
-    @property
-    def median_token_norm(self) -> torch.Tensor:  # () float32, exact lower median of the token norms
-        return self._scalar(2)
-
-    @property
-    def max_token_norm(self) -> torch.Tensor:  # () float32
-        return self._scalar(1)
-
-    @property
-    def top_channels(self) -> torch.Tensor:  # (k,) int64
-        return torch.from_numpy(self.ints[:self.k])
-
-    @property
-    def top_positions(self) -> torch.Tensor:  # (k,) int64
-        return torch.from_numpy(self.ints[self.k:2 * self.k])
-
-    @property
-    def sun_massive(self) -> torch.Tensor:  # () int64 values with |x| > max(100, 1000 x median |x|)
-        return torch.from_numpy(self.ints[2 * self.k:].reshape(()))
 
 
 def fused_available() -> bool:

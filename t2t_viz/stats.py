@@ -147,7 +147,7 @@ class LayerStats:
         """The map's largest |x| (NaN when it holds a NaN)."""
         return float(self.channels.max_abs.max())
 
-    def numbers(self) -> '_Numbers':
+    def _numbers(self) -> '_Numbers':
         """What :func:`summarize` reads, as NumPy arrays and Python numbers."""
         channels = self.channels
         return _Numbers(channels.max_abs.numpy(), channels.minimum.numpy(), channels.maximum.numpy(),
@@ -202,14 +202,12 @@ class _FusedLayerStats(LayerStats):
     def largest_magnitude(self) -> float:
         return self._fused.largest_magnitude
 
-    def numbers(self) -> _Numbers:  # read from the kernels' arrays: no tensor is made
-        fused, floats, ints = self._fused, self._fused.floats, self._fused.ints
-        channels, tokens, k = fused.channels, fused.tokens, fused.k
-        median_abs, median_norm, max_norm = floats[-3:].tolist()
-        return _Numbers(floats[2 * channels:3 * channels], floats[:channels], floats[channels:2 * channels],
-                        floats[4 * channels:4 * channels + tokens],
-                        floats[4 * channels + tokens:4 * channels + tokens + k].tolist(), ints[:k].tolist(),
-                        ints[k:2 * k].tolist(), median_abs, int(ints[2 * k]), median_norm, max_norm)
+    def _numbers(self) -> _Numbers:  # read from the kernels' arrays: no tensor is made
+        array = self._fused.array
+        return _Numbers(array('max_abs'), array('minimum'), array('maximum'), array('token_norms'),
+                        array('top_values').tolist(), array('top_channels').tolist(), array('top_positions').tolist(),
+                        float(array('median_abs')), int(array('sun_massive')), float(array('median_token_norm')),
+                        float(array('max_token_norm')))
 
 
 def _count(mask: torch.Tensor) -> int:
@@ -542,7 +540,7 @@ class LayerSummary:
 def summarize(layer: Layer, thresholds: Thresholds = Thresholds()) -> LayerSummary:
     """Flags and figures of one layer, from the statistics reduced during capture (or from its full map)."""
     reduced = layer.stats if isinstance(layer.stats, LayerStats) else layer_stats(layer.fmap)
-    numbers = reduced.numbers()
+    numbers = reduced._numbers()
     flags = _channel_flags(numbers.max_abs, numbers.minimum, numbers.maximum, thresholds)
     width = layer.width
     top = [TopActivation(value, channel, position // width, position % width)
