@@ -370,7 +370,7 @@ def layer_points(model: nn.Module, height: int, width: int, mlp_hidden: bool = F
     return None
 
 
-_Edge = Tuple[nn.Module, str, nn.Module]  # (parent, name, child): parent._modules[name] is child
+_Edge = Tuple[Optional[nn.Module], str, nn.Module]  # (parent, name, child): parent._modules[name] is child
 _targets: 'weakref.WeakKeyDictionary[nn.Module, Dict[tuple, Tuple[List[Point], Dict[str, nn.Module], List[_Edge]]]]' \
     = weakref.WeakKeyDictionary()
 _targets_lock = threading.Lock()
@@ -383,7 +383,8 @@ def _hook_targets(model: nn.Module, height: int, width: int, mlp_hidden: bool
     key = (height, width, mlp_hidden)
     with _targets_lock:
         cached = _targets.get(model, {}).get(key)
-    if cached is not None and all(parent._modules.get(name) is child for parent, name, child in cached[2]):
+    if cached is not None and all((model if parent is None else parent)._modules.get(name) is child
+                                  for parent, name, child in cached[2]):
         return cached[0], cached[1]
     points = layer_points(model, height, width, mlp_hidden)
     if points is None:
@@ -401,10 +402,11 @@ def _hook_targets(model: nn.Module, height: int, width: int, mlp_hidden: bool
 def _edges(model: nn.Module, modules: Dict[str, nn.Module], targets: Dict[str, nn.Module]) -> List[_Edge]:
     """Every (parent, name, child) step on the paths from ``model`` to ``targets``: while each parent still
     holds the same child under that name, no target was replaced or removed (checking that is one dictionary
-    lookup a step, where ``get_submodule`` for every target cost a pass 0.26 ms on ResNet50)."""
+    lookup a step, where ``get_submodule`` for every target cost a pass 0.26 ms on ResNet50). The model
+    itself is None: the cache keys it weakly, so its entry must not hold it."""
     steps: Dict[str, _Edge] = {}
     for path in targets:
-        parent, prefix = model, ''
+        parent, prefix = None, ''
         for name in path.split('.'):
             prefix = f'{prefix}.{name}' if prefix else name
             child = modules[prefix]

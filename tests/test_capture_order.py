@@ -193,6 +193,19 @@ def test_a_block_replaced_whole_after_a_capture_is_hooked_in_the_next():
     assert float(second.layer('layer2.1.act2').fmap.max()) == 0.25
 
 
+def test_a_captured_model_is_freed_once_its_last_user_lets_it_go():
+    """The caches of hook points and copy sizes key models weakly and never hold them."""
+    import gc
+    import weakref
+    model = timm.create_model('resnet18').eval()
+    capture.run(model, torch.randn(1, 3, 64, 64), dtype=torch.float16, max_side=16)
+    capture.run(model, torch.randn(1, 3, 64, 64), dtype=torch.float16, max_side=16)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
 def test_a_block_removed_after_a_capture_is_left_out_of_the_next():
     model = timm.create_model('resnet18').eval()
     x = torch.randn(1, 3, 64, 64)
