@@ -197,7 +197,8 @@ class Recorder:
             reduced = self._reduced(point, output, fmap)
             kept = None
             if self.keep_maps:
-                shares_output = fmap.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
+                shares_output = fmap is output \
+                    or fmap.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
                 kept = self._keep(fmap, shares_output and point.written_later, reduced)
         self._last = (weakref.ref(output), reduced, kept)
         self.outputs.append((point, tuple(fmap.shape[1:]), kept, reduced))

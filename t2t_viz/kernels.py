@@ -33,7 +33,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ['FusedReduction', 'fused_available', 'reduce_map', 'count_over', 'first_max_positions',
+__all__ = ['FusedReduction', 'fused_available', 'reduce_map', 'count_over', 'first_max_positions', 'flag_ids',
            'average_pool', 'compile_kernels']
 
 _FINEST_SHIFT = 17  # the median's histogram bins |x| by its bits >> 17 at most: 8 exponent, 6 mantissa bits
@@ -79,13 +79,14 @@ class FusedReduction:
         self._views: Optional[Dict[str, np.ndarray]] = None
 
     def array(self, name: str) -> np.ndarray:
-        """The figure ``name`` (one of the attributes) as a NumPy view of the kernel's output."""
+        """The figure ``name`` (one of the attributes, or 'per_channel': minimum, maximum, max |x| and mean as
+        one (4, C) array) as a NumPy view of the kernel's output."""
         if self._views is None:  # made once, after the pass, when first asked for
             channels, tokens, k, floats = self.channels, self.tokens, self.k, self.floats
             per_channel = floats[:4 * channels].reshape(4, channels)
             top = 4 * channels + tokens
             self._views = {
-                'minimum': per_channel[0], 'maximum': per_channel[1], 'max_abs': per_channel[2],
+                'per_channel': per_channel, 'minimum': per_channel[0], 'maximum': per_channel[1], 'max_abs': per_channel[2],
                 'mean': per_channel[3], 'token_norms': floats[4 * channels:top], 'top_values': floats[top:top + k],
                 'median_abs': floats[top + k:top + k + 1].reshape(()),
                 'median_token_norm': floats[top + k + 1:top + k + 2].reshape(()),
@@ -116,9 +117,14 @@ class FusedReduction:
         return abs(float(self.floats[4 * self.channels + self.tokens]))
 
 
+# T2T_VIZ_FUSED=0 switches the kernels off. Read once: looking the variable up for every map cost a ResNet50
+# pass at 224 0.35 ms, in hooks where Python runs on caches the forward pass has just evicted.
+_SWITCHED_OFF = os.environ.get('T2T_VIZ_FUSED', '1') == '0'
+
+
 def fused_available() -> bool:
     """Whether the fused kernels can run here (numba installed, not switched off by T2T_VIZ_FUSED=0)."""
-    return numba is not None and os.environ.get('T2T_VIZ_FUSED', '1') != '0'
+    return numba is not None and not _SWITCHED_OFF
 
 
 def _openmp_loads() -> bool:
@@ -515,6 +521,60 @@ def _first_maxima(array, token_major, maximum, floor, positions):
 
 
 @_jit
+def _flag_ids(max_abs, minimum, maximum, dead_atol, flat_atol, massive_factor, token_norms, high_norm_bar):
+    """The dead, flat and massive channels' ids (ascending) and how many token norms are over
+    ``high_norm_bar``, by the definitions of :mod:`t2t_viz.stats`, in float32 as they are there."""
+    channels = max_abs.shape[0]
+    dead_atol, flat_atol = np.float32(dead_atol), np.float32(flat_atol)
+    codes = np.zeros(channels, np.int8)  # 1 dead, 2 flat, 4 massive
+    live_max_abs = np.empty(channels, np.float32)
+    live = 0
+    lowest, highest, nan = np.float32(np.inf), np.float32(0), False
+    for c in range(channels):
+        largest = max_abs[c]
+        if largest <= dead_atol:
+            codes[c] = 1
+            continue
+        live_max_abs[live] = largest
+        live += 1
+        lowest, highest = min(lowest, largest), max(highest, largest)
+        nan |= largest != largest
+        scale = largest if not largest < np.float32(1) else np.float32(1)  # NaN stays NaN, as np.maximum
+        if maximum[c] - minimum[c] <= flat_atol * scale:
+            codes[c] = 2
+    # no live channel is over the bar when the largest is not over factor x the smallest: no median needed
+    if live and (nan or highest > np.float32(massive_factor) * lowest):
+        middle = (live - 1) // 2
+        bar = np.float32(massive_factor) * np.partition(live_max_abs[:live], middle)[middle]
+        for c in range(channels):
+            if codes[c] != 1 and max_abs[c] > bar:
+                codes[c] |= 4
+    counts = np.zeros(3, np.int64)
+    for c in range(channels):
+        for flag in range(3):
+            counts[flag] += (codes[c] >> flag) & 1
+    dead, flat, massive = (np.empty(counts[0], np.int64), np.empty(counts[1], np.int64),
+                           np.empty(counts[2], np.int64))
+    counts[:] = 0
+    for c in range(channels):
+        code = codes[c]
+        if code & 1:
+            dead[counts[0]] = c
+            counts[0] += 1
+        if code & 2:
+            flat[counts[1]] = c
+            counts[1] += 1
+        if code & 4:
+            massive[counts[2]] = c
+            counts[2] += 1
+    high_norm = 0
+    bar = np.float32(high_norm_bar)
+    for n in range(token_norms.shape[0]):
+        high_norm += token_norms[n] > bar
+    return dead, flat, massive, high_norm
+
+
+@_jit
 def _count_over(flat_bits, threshold_bits):
     """How many |x| are over the (non-negative) float whose bits are ``threshold_bits``; NaN never is."""
     count = 0
@@ -676,8 +736,8 @@ def reduce_map(values: torch.Tensor, top_k: int, sun_bar: Tuple[float, float], p
     ``sun_bar`` (minimum magnitude, median factor) defines Sun et al.'s massive activations, as
     :mod:`t2t_viz.stats` gives it. ``parts``: runs of the map spread over threads (default: one per PyTorch
     thread); the figures of a given count are always the same."""
-    if not fused_available() or values.device.type != 'cpu' or values.dtype != torch.float32 \
-            or values.dim() != 2 or not values.numel() or values.requires_grad:
+    if not fused_available() or not values.is_cpu or values.dtype != torch.float32 or values.dim() != 2 \
+            or not values.numel() or values.requires_grad:  # is_cpu: device.type cost a hook 6 us
         return None
     layout = _layout(values)
     if layout is None:
@@ -717,6 +777,17 @@ def compile_kernels() -> bool:
         for dtype in (torch.float32, torch.float16):
             average_pool(fmap, (2, 2), torch.empty(1, 3, 2, 2, dtype=dtype))
     return True
+
+
+def flag_ids(max_abs: np.ndarray, minimum: np.ndarray, maximum: np.ndarray, thresholds, token_norms: np.ndarray,
+             high_norm_bar: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(dead, flat, massive) channel ids (int64, ascending) of the (C,) float32 figures under ``thresholds``
+    (:class:`t2t_viz.stats.Thresholds`), and how many of the (N,) float32 token norms are over
+    ``high_norm_bar`` (compared in float32, as NumPy compares them)."""
+    dead, flat, massive, high_norm = _flag_ids(max_abs, minimum, maximum, float(thresholds.dead_atol),
+                                               float(thresholds.flat_atol), float(thresholds.massive_factor),
+                                               token_norms, float(high_norm_bar))
+    return dead, flat, massive, int(high_norm)
 
 
 def count_over(values: torch.Tensor, threshold: float) -> int:

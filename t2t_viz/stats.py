@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .capture import REAL_FORWARD, Layer
-from .kernels import FusedReduction, first_max_positions, reduce_map
+from .kernels import FusedReduction, first_max_positions, flag_ids, fused_available, reduce_map
 
 __all__ = ['Thresholds', 'ChannelStats', 'LayerStats', 'PrefixStats', 'LayerSummary', 'PrefixToken',
            'TopActivation', 'channel_stats', 'layer_stats', 'max_positions', 'kth_smallest_abs', 'summarize',
@@ -183,12 +183,12 @@ class _FusedLayerStats(LayerStats):
 
     @cached_property
     def channels(self) -> ChannelStats:
-        fused = self._fused
-        return ChannelStats(fused.max_abs, fused.mean, fused.minimum, fused.maximum)
+        minimum, maximum, max_abs, mean = torch.from_numpy(self._fused.array('per_channel')).unbind()  # (C,) each
+        return ChannelStats(max_abs, mean, minimum, maximum)
 
     @cached_property
     def token_norms(self) -> torch.Tensor:
-        return self._fused.token_norms.reshape(self._grid)
+        return torch.from_numpy(self._fused.array('token_norms').reshape(self._grid))
 
     top_values = property(lambda self: self._fused.top_values)
     top_channels = property(lambda self: self._fused.top_channels)
@@ -541,11 +541,11 @@ def summarize(layer: Layer, thresholds: Thresholds = Thresholds()) -> LayerSumma
     """Flags and figures of one layer, from the statistics reduced during capture (or from its full map)."""
     reduced = layer.stats if isinstance(layer.stats, LayerStats) else layer_stats(layer.fmap)
     numbers = reduced._numbers()
-    flags = _channel_flags(numbers.max_abs, numbers.minimum, numbers.maximum, thresholds)
+    high_norm_bar = thresholds.high_norm_factor * numbers.median_token_norm
+    dead_ids, flat_ids, massive_ids, high_norm_tokens = _flag_ids(numbers, thresholds, high_norm_bar)
     width = layer.width
     top = [TopActivation(value, channel, position // width, position % width)
            for value, channel, position in zip(numbers.top_values, numbers.top_channels, numbers.top_positions)]
-    high_norm_bar = thresholds.high_norm_factor * numbers.median_token_norm
     prefix = []
     if reduced.prefix is not None:
         prefix = [PrefixToken(index, max_abs, channel, norm, sun, norm > high_norm_bar)
@@ -554,12 +554,25 @@ def summarize(layer: Layer, thresholds: Thresholds = Thresholds()) -> LayerSumma
                       reduced.prefix.norms.tolist(), reduced.prefix.sun_massive.tolist()))]
     return LayerSummary(
         name=layer.name, label=layer.label, kind=layer.kind, depth=layer.depth, height=layer.height,
-        width=width, channels=layer.channels, dead_ids=_ids(flags['dead']), flat_ids=_ids(flags['flat']),
-        massive_ids=_ids(flags['massive']), stats=reduced.channels, token_norms=reduced.token_norms, top=top,
-        median_abs=numbers.median_abs, sun_massive=numbers.sun_massive,
-        median_token_norm=numbers.median_token_norm, max_token_norm=numbers.max_token_norm,
-        high_norm_tokens=int(np.count_nonzero(numbers.token_norms > high_norm_bar)),
+        width=width, channels=layer.channels, dead_ids=dead_ids, flat_ids=flat_ids, massive_ids=massive_ids,
+        stats=reduced.channels, token_norms=reduced.token_norms, top=top, median_abs=numbers.median_abs,
+        sun_massive=numbers.sun_massive, median_token_norm=numbers.median_token_norm,
+        max_token_norm=numbers.max_token_norm, high_norm_tokens=high_norm_tokens,
         high_norm_factor=thresholds.high_norm_factor, prefix=prefix)
+
+
+def _flag_ids(numbers: _Numbers, thresholds: Thresholds, high_norm_bar: float
+              ) -> Tuple[List[int], List[int], List[int], int]:
+    """The dead, flat and massive channels' ids and the number of high-norm tokens: in one call of the fused
+    kernels where they run (about 10 us less per layer than NumPy's dozen small operations), else by
+    :func:`_channel_flags`."""
+    if fused_available():
+        dead, flat, massive, high_norm = flag_ids(numbers.max_abs, numbers.minimum, numbers.maximum, thresholds,
+                                                  numbers.token_norms, high_norm_bar)
+        return dead.tolist(), flat.tolist(), massive.tolist(), high_norm
+    flags = _channel_flags(numbers.max_abs, numbers.minimum, numbers.maximum, thresholds)
+    high_norm = int(np.count_nonzero(numbers.token_norms > np.float32(high_norm_bar)))
+    return _ids(flags['dead']), _ids(flags['flat']), _ids(flags['massive']), high_norm
 
 
 def write_csv(rows: Iterable[Dict[str, object]], out: TextIO, columns: Sequence[str] = CSV_COLUMNS,

@@ -29,7 +29,8 @@ def statistics_backend(request, monkeypatch):
     from t2t_viz import kernels
     if request.param == 'fused' and not kernels.fused_available():
         pytest.skip('numba is not installed')
-    monkeypatch.setenv('T2T_VIZ_FUSED', '1' if request.param == 'fused' else '0')
+    monkeypatch.setenv('T2T_VIZ_FUSED', '1' if request.param == 'fused' else '0')  # for processes it starts
+    monkeypatch.setattr(kernels, '_SWITCHED_OFF', request.param != 'fused')  # this one read it at import
     return request.param
 
 

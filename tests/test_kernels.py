@@ -1,5 +1,7 @@
 """The fused CPU kernels against plain NumPy on planted maps of the sizes users run (1024 and 2048 inputs)."""
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -178,8 +180,18 @@ def test_maps_the_kernels_do_not_take_go_to_pytorch():
     assert kernels.reduce_map(neither, 5, SUN_BAR) is None
 
 
-def test_switched_off_by_the_environment(monkeypatch):
-    monkeypatch.setenv('T2T_VIZ_FUSED', '0')
+@pytest.mark.parametrize('setting, available', [('0', False), ('1', True)])
+def test_switched_off_by_the_environment(setting, available):
+    """T2T_VIZ_FUSED is read when the process imports the kernels."""
+    code = ('import torch; from t2t_viz import kernels; '
+            'print(kernels.fused_available(), kernels.reduce_map(torch.randn(4, 6), 5, (100.0, 1000.0)) is None)')
+    out = subprocess.run([sys.executable, '-c', code], env={**os.environ, 'T2T_VIZ_FUSED': setting},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(available), str(not available)]
+
+
+def test_switched_off_in_the_process(monkeypatch):
+    monkeypatch.setattr(kernels, '_SWITCHED_OFF', True)
     assert not kernels.fused_available() and kernels.reduce_map(torch.randn(4, 6), 5, SUN_BAR) is None
 
 
@@ -191,7 +203,7 @@ def test_layer_statistics_of_a_real_pass_equal_pytorch_s(name, size, monkeypatch
     model = timm.create_model(name, pretrained=False, num_classes=10).eval()
     x = torch.randn(1, 3, size, size)
     fused = capture.run(model, x, keep_maps=False, reduce=layer_stats)[0].layers
-    monkeypatch.setenv('T2T_VIZ_FUSED', '0')
+    monkeypatch.setattr(kernels, '_SWITCHED_OFF', True)
     plain = capture.run(model, x, keep_maps=False, reduce=layer_stats)[0].layers
     assert len(fused) == len(plain) > 5
     for mine, theirs in zip(fused, plain):
@@ -381,3 +393,34 @@ def test_kernels_run_on_one_thread_when_the_process_started_another_threading_la
     result = subprocess.run([sys.executable, '-c', _LAYER_STARTED_BEFORE], capture_output=True, text=True,
                             timeout=300)
     assert result.stdout.split() == ['False', 'workqueue', 'True'], result.stderr[-2000:]
+
+
+@pytest.mark.parametrize('channels', [1, 7, 2048])
+def test_flag_ids_equal_numpy_flags(channels):
+    """One kernel call gives the dead, flat and massive ids and the high-norm count that NumPy's definition
+    gives, on figures planted with dead, flat, massive, NaN and infinite channels and ties at the bars."""
+    rng = np.random.default_rng(channels)
+    for trial in range(200):
+        max_abs = (rng.random(channels) * rng.choice([1e-7, 1.0, 100.0], channels)).astype(np.float32)
+        max_abs[rng.random(channels) < 0.3] = 0.0
+        max_abs[rng.random(channels) < 0.05] *= np.float32(1e4)
+        if trial % 3 == 0:
+            max_abs[rng.integers(channels)] = rng.choice([np.nan, np.inf])
+        if trial % 5 == 0:  # a tie at the massive bar: exactly 100 x the live median is not over it
+            live = max_abs[max_abs > 1e-6]
+            if live.size:
+                max_abs[rng.integers(channels)] = np.float32(100) * np.partition(live, (live.size - 1) // 2)[
+                    (live.size - 1) // 2]
+        minimum = (max_abs * rng.choice([0.0, 0.5, 1 - 1e-7, 1.0], channels)).astype(np.float32)
+        norms = rng.random(3136).astype(np.float32)
+        thresholds = stats.Thresholds(dead_atol=float(rng.choice([1e-6, 0.01])),
+                                      flat_atol=float(rng.choice([1e-6, 0.3])),
+                                      massive_factor=float(rng.choice([100.0, 2.0])))
+        bar = float(norms[rng.integers(norms.size)]) * 1.5  # a bar that ties with a norm where it is one
+        with np.errstate(invalid='ignore'):
+            expected = stats._channel_flags(max_abs, minimum, max_abs, thresholds)
+        dead, flat, massive, high_norm = kernels.flag_ids(max_abs, minimum, max_abs, thresholds, norms, bar)
+        assert dead.tolist() == np.flatnonzero(expected['dead']).tolist()
+        assert flat.tolist() == np.flatnonzero(expected['flat']).tolist()
+        assert massive.tolist() == np.flatnonzero(expected['massive']).tolist()
+        assert high_norm == np.count_nonzero(norms > np.float32(bar))

@@ -86,7 +86,7 @@ class _LiveWithDisplayCopies(LiveBytes):
 def test_meta_estimate_equals_the_allocations_of_the_real_run(name, monkeypatch):
     """The shape-only run allocates what the real run allocates (same code, same options: PyTorch's reductions,
     which meta maps get; the fused CPU kernels need less, see the next test)."""
-    monkeypatch.setenv('T2T_VIZ_FUSED', '0')
+    monkeypatch.setattr(kernels, '_SWITCHED_OFF', True)
     options = dict(reduce=layer_stats, dtype=torch.float16, max_side=32)
     torch.manual_seed(0)
     model = timm.create_model(name).eval()
