@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -521,9 +521,10 @@ def _first_maxima(array, token_major, maximum, floor, positions):
 
 
 @_jit
-def _flag_ids(max_abs, minimum, maximum, dead_atol, flat_atol, massive_factor, token_norms, high_norm_bar):
-    """The dead, flat and massive channels' ids (ascending) and how many token norms are over
-    ``high_norm_bar``, by the definitions of :mod:`t2t_viz.stats`, in float32 as they are there."""
+def _flag_ids(max_abs, minimum, maximum, dead_atol, flat_atol, massive_factor, token_norms, high_norm_bar, ids):
+    """ids (3 C,): the dead, then the flat, then the massive channels' ids, each ascending, by the definitions
+    of :mod:`t2t_viz.stats` in float32 as they are there; returns how many of each, and how many token norms
+    are over ``high_norm_bar``."""
     channels = max_abs.shape[0]
     dead_atol, flat_atol = np.float32(dead_atol), np.float32(flat_atol)
     codes = np.zeros(channels, np.int8)  # 1 dead, 2 flat, 4 massive
@@ -549,29 +550,19 @@ def _flag_ids(max_abs, minimum, maximum, dead_atol, flat_atol, massive_factor, t
         for c in range(channels):
             if codes[c] != 1 and max_abs[c] > bar:
                 codes[c] |= 4
+    found = 0
     counts = np.zeros(3, np.int64)
-    for c in range(channels):
-        for flag in range(3):
-            counts[flag] += (codes[c] >> flag) & 1
-    dead, flat, massive = (np.empty(counts[0], np.int64), np.empty(counts[1], np.int64),
-                           np.empty(counts[2], np.int64))
-    counts[:] = 0
-    for c in range(channels):
-        code = codes[c]
-        if code & 1:
-            dead[counts[0]] = c
-            counts[0] += 1
-        if code & 2:
-            flat[counts[1]] = c
-            counts[1] += 1
-        if code & 4:
-            massive[counts[2]] = c
-            counts[2] += 1
+    for flag in range(3):
+        for c in range(channels):
+            if (codes[c] >> flag) & 1:
+                ids[found] = c
+                found += 1
+                counts[flag] += 1
     high_norm = 0
     bar = np.float32(high_norm_bar)
     for n in range(token_norms.shape[0]):
         high_norm += token_norms[n] > bar
-    return dead, flat, massive, high_norm
+    return counts[0], counts[1], counts[2], high_norm
 
 
 @_jit
@@ -780,14 +771,16 @@ def compile_kernels() -> bool:
 
 
 def flag_ids(max_abs: np.ndarray, minimum: np.ndarray, maximum: np.ndarray, thresholds, token_norms: np.ndarray,
-             high_norm_bar: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(dead, flat, massive) channel ids (int64, ascending) of the (C,) float32 figures under ``thresholds``
+             high_norm_bar: float) -> Tuple[List[int], List[int], List[int], int]:
+    """(dead, flat, massive) channel ids (ascending) of the (C,) float32 figures under ``thresholds``
     (:class:`t2t_viz.stats.Thresholds`), and how many of the (N,) float32 token norms are over
     ``high_norm_bar`` (compared in float32, as NumPy compares them)."""
+    ids = np.empty(3 * max_abs.shape[0], np.int64)
     dead, flat, massive, high_norm = _flag_ids(max_abs, minimum, maximum, float(thresholds.dead_atol),
                                                float(thresholds.flat_atol), float(thresholds.massive_factor),
-                                               token_norms, float(high_norm_bar))
-    return dead, flat, massive, int(high_norm)
+                                               token_norms, float(high_norm_bar), ids)
+    listed = ids[:dead + flat + massive].tolist()  # one list, then cut: cheaper than three arrays
+    return listed[:dead], listed[dead:dead + flat], listed[dead + flat:], int(high_norm)
 
 
 def count_over(values: torch.Tensor, threshold: float) -> int:

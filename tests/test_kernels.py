@@ -420,7 +420,7 @@ def test_flag_ids_equal_numpy_flags(channels):
         with np.errstate(invalid='ignore'):
             expected = stats._channel_flags(max_abs, minimum, max_abs, thresholds)
         dead, flat, massive, high_norm = kernels.flag_ids(max_abs, minimum, max_abs, thresholds, norms, bar)
-        assert dead.tolist() == np.flatnonzero(expected['dead']).tolist()
-        assert flat.tolist() == np.flatnonzero(expected['flat']).tolist()
-        assert massive.tolist() == np.flatnonzero(expected['massive']).tolist()
+        assert dead == np.flatnonzero(expected['dead']).tolist()
+        assert flat == np.flatnonzero(expected['flat']).tolist()
+        assert massive == np.flatnonzero(expected['massive']).tolist()
         assert high_norm == np.count_nonzero(norms > np.float32(bar))
