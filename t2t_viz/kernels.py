@@ -710,12 +710,17 @@ def average_pool(fmap: torch.Tensor, size: Tuple[int, int], out: Optional[torch.
     return out
 
 
-def _layout(values: torch.Tensor) -> Optional[str]:
-    channels, tokens = values.shape
-    if values.is_contiguous():
-        return 'channel_major'
-    if values.stride() == (1, channels) or tokens == 1:
-        return 'token_major'
+def _rows(values: torch.Tensor) -> Optional[Tuple[np.ndarray, bool]]:
+    """(array, token_major): the C-contiguous NumPy array that a (C, N) CPU map views, (C, N) channel-major or
+    (N, C) token-major; None for a map of another shape or layout. Read from NumPy's flags: each PyTorch
+    call (strides, contiguity, transposes) cost a capture hook microseconds on the forward pass's caches."""
+    array = values.numpy()
+    if array.ndim != 2:
+        return None
+    if array.flags.c_contiguous:
+        return array, False
+    if array.flags.f_contiguous:
+        return array.T, True
     return None
 
 
@@ -727,16 +732,14 @@ def reduce_map(values: torch.Tensor, top_k: int, sun_bar: Tuple[float, float], p
     ``sun_bar`` (minimum magnitude, median factor) defines Sun et al.'s massive activations, as
     :mod:`t2t_viz.stats` gives it. ``parts``: runs of the map spread over threads (default: one per PyTorch
     thread); the figures of a given count are always the same."""
-    if not fused_available() or not values.is_cpu or values.dtype != torch.float32 or values.dim() != 2 \
-            or not values.numel() or values.requires_grad:  # is_cpu: device.type cost a hook 6 us
+    if not fused_available() or not values.is_cpu or values.dtype != torch.float32 or values.requires_grad:
+        return None  # is_cpu: device.type cost a hook 6 us
+    rows = _rows(values)
+    if rows is None or not rows[0].size:
         return None
-    layout = _layout(values)
-    if layout is None:
-        return None
-    channels, tokens = values.shape
-    token_major = layout == 'token_major'
-    array = (values.t() if token_major else values).numpy()  # C-contiguous (N, C) or (C, N)
-    k = min(top_k, values.numel())
+    array, token_major = rows  # C-contiguous (N, C) or (C, N)
+    tokens, channels = array.shape if token_major else array.shape[::-1]
+    k = min(top_k, array.size)
     floats, ints = np.empty(4 * channels + tokens + k + 3, np.float32), np.empty(2 * k + 1, np.int64)
     _reduce(array, token_major, float(sun_bar[0]), float(sun_bar[1]), floats, ints, _parts(parts))
     return FusedReduction(floats, ints, channels, tokens)
@@ -745,8 +748,7 @@ def reduce_map(values: torch.Tensor, top_k: int, sun_bar: Tuple[float, float], p
 def first_max_positions(values: torch.Tensor, maximum: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
     """(C,) int64: where each channel's ``maximum`` (C,) first occurs in a float32 CPU map that
     :func:`reduce_map` took, for the channels whose maximum reaches ``floor`` (C,) or (); -1 elsewhere."""
-    token_major = _layout(values) == 'token_major'
-    array = values.t().numpy() if token_major else values.numpy()
+    array, token_major = _rows(values)
     floors = floor.numpy().astype(np.float32)
     if floors.shape != maximum.shape:
         floors = np.full(maximum.shape, floors, np.float32)
@@ -785,5 +787,5 @@ def flag_ids(max_abs: np.ndarray, minimum: np.ndarray, maximum: np.ndarray, thre
 
 def count_over(values: torch.Tensor, threshold: float) -> int:
     """How many |x| of a float32 CPU map that :func:`reduce_map` took are over ``threshold`` (>= 0)."""
-    array = values.t().numpy() if _layout(values) == 'token_major' else values.numpy()
+    array = _rows(values)[0]
     return int(_count_over(array.view(np.int32).reshape(-1), np.float32(threshold).view(np.int32)))
