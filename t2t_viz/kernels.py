@@ -530,7 +530,7 @@ def _flag_ids(max_abs, minimum, maximum, dead_atol, flat_atol, massive_factor, t
     codes = np.zeros(channels, np.int8)  # 1 dead, 2 flat, 4 massive
     live_max_abs = np.empty(channels, np.float32)
     live = 0
-    lowest, highest, nan = np.float32(np.inf), np.float32(0), False
+    lowest, highest = np.float32(np.inf), np.float32(0)  # of the live channels' max |x| that are not NaN
     for c in range(channels):
         largest = max_abs[c]
         if largest <= dead_atol:
@@ -538,13 +538,14 @@ def _flag_ids(max_abs, minimum, maximum, dead_atol, flat_atol, massive_factor, t
             continue
         live_max_abs[live] = largest
         live += 1
-        lowest, highest = min(lowest, largest), max(highest, largest)
-        nan |= largest != largest
+        if largest == largest:
+            lowest, highest = min(lowest, largest), max(highest, largest)
         scale = largest if not largest < np.float32(1) else np.float32(1)  # NaN stays NaN, as np.maximum
         if maximum[c] - minimum[c] <= flat_atol * scale:
             codes[c] = 2
-    # no live channel is over the bar when the largest is not over factor x the smallest: no median needed
-    if live and (nan or highest > np.float32(massive_factor) * lowest):
+    # the median is at least the smallest (or NaN, which NumPy sorts last and nothing is over): when the largest
+    # is not over factor x the smallest, no channel is massive and the median is not needed
+    if highest > np.float32(massive_factor) * lowest:
         middle = (live - 1) // 2
         bar = np.float32(massive_factor) * np.partition(live_max_abs[:live], middle)[middle]
         for c in range(channels):

@@ -398,29 +398,37 @@ def test_kernels_run_on_one_thread_when_the_process_started_another_threading_la
 @pytest.mark.parametrize('channels', [1, 7, 2048])
 def test_flag_ids_equal_numpy_flags(channels):
     """One kernel call gives the dead, flat and massive ids and the high-norm count that NumPy's definition
-    gives, on figures planted with dead, flat, massive, NaN and infinite channels and ties at the bars."""
+    gives, on figures planted with dead, flat, massive, NaN and infinite channels, and ties at every bar."""
     rng = np.random.default_rng(channels)
-    for trial in range(200):
+    for trial in range(300):
+        thresholds = stats.Thresholds(dead_atol=float(rng.choice([1e-6, 0.01])),
+                                      flat_atol=float(rng.choice([1e-6, 0.25])),
+                                      massive_factor=float(rng.choice([100.0, 2.0])))
         max_abs = (rng.random(channels) * rng.choice([1e-7, 1.0, 100.0], channels)).astype(np.float32)
         max_abs[rng.random(channels) < 0.3] = 0.0
         max_abs[rng.random(channels) < 0.05] *= np.float32(1e4)
-        if trial % 3 == 0:
-            max_abs[rng.integers(channels)] = rng.choice([np.nan, np.inf])
-        if trial % 5 == 0:  # a tie at the massive bar: exactly 100 x the live median is not over it
-            live = max_abs[max_abs > 1e-6]
-            if live.size:
-                max_abs[rng.integers(channels)] = np.float32(100) * np.partition(live, (live.size - 1) // 2)[
-                    (live.size - 1) // 2]
         minimum = (max_abs * rng.choice([0.0, 0.5, 1 - 1e-7, 1.0], channels)).astype(np.float32)
+        maximum = max_abs.copy()
+        tie = rng.integers(channels)
+        if trial % 4 == 0:  # exactly the dead bar: dead
+            max_abs[tie] = maximum[tie] = np.float32(thresholds.dead_atol)
+        elif trial % 4 == 1 and thresholds.flat_atol == 0.25:  # a spread of exactly 0.25 x 2: flat
+            max_abs[tie], maximum[tie], minimum[tie] = 2.0, 2.0, 1.5
+        elif trial % 4 == 2:  # NaN: never flat, even beside a zero spread; never massive
+            max_abs[tie], maximum[tie], minimum[tie] = np.nan, 1.0, 1.0
+        elif trial % 8 == 3:
+            max_abs[tie] = maximum[tie] = np.inf
+        if trial % 5 == 0:  # exactly factor x the live median: not massive
+            live = np.sort(max_abs[max_abs > np.float32(thresholds.dead_atol)])
+            if live.size > 2:
+                other = (tie + 1) % channels
+                max_abs[other] = maximum[other] = np.float32(thresholds.massive_factor) * live[(live.size - 1) // 2]
         norms = rng.random(3136).astype(np.float32)
-        thresholds = stats.Thresholds(dead_atol=float(rng.choice([1e-6, 0.01])),
-                                      flat_atol=float(rng.choice([1e-6, 0.3])),
-                                      massive_factor=float(rng.choice([100.0, 2.0])))
-        bar = float(norms[rng.integers(norms.size)]) * 1.5  # a bar that ties with a norm where it is one
+        bar = float(norms[rng.integers(norms.size)])  # ties with one norm: not over it
         with np.errstate(invalid='ignore'):
-            expected = stats._channel_flags(max_abs, minimum, max_abs, thresholds)
-        dead, flat, massive, high_norm = kernels.flag_ids(max_abs, minimum, max_abs, thresholds, norms, bar)
+            expected = stats._channel_flags(max_abs, minimum, maximum, thresholds)
+        dead, flat, massive, high_norm = kernels.flag_ids(max_abs, minimum, maximum, thresholds, norms, bar)
         assert dead == np.flatnonzero(expected['dead']).tolist()
         assert flat == np.flatnonzero(expected['flat']).tolist()
         assert massive == np.flatnonzero(expected['massive']).tolist()
-        assert high_norm == np.count_nonzero(norms > np.float32(bar))
+        assert high_norm == np.count_nonzero(norms > np.float32(bar)) < norms.size
