@@ -87,7 +87,8 @@ class FusedReduction:
             top = 4 * channels + tokens
             self._views = {
                 'per_channel': per_channel, 'minimum': per_channel[0], 'maximum': per_channel[1],
-                'max_abs': per_channel[2], 'mean': per_channel[3], 'token_norms': floats[4 * channels:top], 'top_values': floats[top:top + k],
+                'max_abs': per_channel[2], 'mean': per_channel[3], 'token_norms': floats[4 * channels:top],
+                'top_values': floats[top:top + k],
                 'median_abs': floats[top + k:top + k + 1].reshape(()),
                 'median_token_norm': floats[top + k + 1:top + k + 2].reshape(()),
                 'max_token_norm': floats[top + k + 2:top + k + 3].reshape(()),
