@@ -79,16 +79,14 @@ class FusedReduction:
         self._views: Optional[Dict[str, np.ndarray]] = None
 
     def array(self, name: str) -> np.ndarray:
-        """The figure ``name`` (one of the attributes, or 'per_channel': minimum, maximum, max |x| and mean as
-        one (4, C) array) as a NumPy view of the kernel's output."""
+        """The figure ``name`` (one of the attributes) as a NumPy view of the kernel's output."""
         if self._views is None:  # made once, after the pass, when first asked for
             channels, tokens, k, floats = self.channels, self.tokens, self.k, self.floats
             per_channel = floats[:4 * channels].reshape(4, channels)
             top = 4 * channels + tokens
             self._views = {
-                'per_channel': per_channel, 'minimum': per_channel[0], 'maximum': per_channel[1],
-                'max_abs': per_channel[2], 'mean': per_channel[3], 'token_norms': floats[4 * channels:top],
-                'top_values': floats[top:top + k],
+                'minimum': per_channel[0], 'maximum': per_channel[1], 'max_abs': per_channel[2],
+                'mean': per_channel[3], 'token_norms': floats[4 * channels:top], 'top_values': floats[top:top + k],
                 'median_abs': floats[top + k:top + k + 1].reshape(()),
                 'median_token_norm': floats[top + k + 1:top + k + 2].reshape(()),
                 'max_token_norm': floats[top + k + 2:top + k + 3].reshape(()),

@@ -183,8 +183,8 @@ class _FusedLayerStats(LayerStats):
 
     @cached_property
     def channels(self) -> ChannelStats:
-        minimum, maximum, max_abs, mean = torch.from_numpy(self._fused.array('per_channel')).unbind()  # (C,) each
-        return ChannelStats(max_abs, mean, minimum, maximum)
+        fused = self._fused
+        return ChannelStats(fused.max_abs, fused.mean, fused.minimum, fused.maximum)
 
     @cached_property
     def token_norms(self) -> torch.Tensor:
