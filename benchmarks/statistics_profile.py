@@ -27,7 +27,7 @@ from t2t_viz.images import preprocess_batch
 def _fused_parts(fmap: torch.Tensor, reduced: kernels.FusedReduction) -> Dict[str, Callable[[], object]]:
     """The fused CPU kernels' passes (t2t_viz.kernels), each on its own; ``reduced``: the map's reduction."""
     values = fmap.reshape(fmap.shape[0], -1)  # (C, N)
-    array, token_major = kernels._rows(values)  # C-contiguous (N, C) or (C, N), as reduce_map reads it
+    array, token_major = kernels._rows(values.numpy())  # C-contiguous (N, C) or (C, N), as reduce_map reads it
     bits = array.view(np.int32)
     channels, tokens = values.shape
     key_max, key_min = (np.empty(channels, np.int32) for _ in range(2))

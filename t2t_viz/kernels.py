@@ -163,20 +163,22 @@ else:  # never called: fused_available() is False
     _prange = range
 
 
-_caller = threading.local()  # the numba thread count this caller's thread was last given here
+_caller = threading.local()  # the numba thread count this caller's thread was last given here, and why
 
 
 def _parts(parts: Optional[int] = None) -> int:
     """Runs to cut a map into: ``parts`` if given, else one per PyTorch intra-op thread (at most numba's
     threads) where the OpenMP layer loaded, else 1; numba's thread count for this caller is set to match
-    (asking numba for it cost about 10 us a map inside a forward pass's hooks, so it is set on a change)."""
+    (asking numba for it cost about 10 us a map inside a forward pass's hooks, so it is set on a change of
+    PyTorch's)."""
     if not _PARALLEL:
         return max(1, parts or 1)
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if getattr(_caller, 'threads', None) != threads:
-        numba.set_num_threads(threads)
-        _caller.threads = threads
-    return parts or threads
+    torch_threads = torch.get_num_threads()
+    if getattr(_caller, 'torch_threads', None) != torch_threads:
+        _caller.threads = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(_caller.threads)
+        _caller.torch_threads = torch_threads
+    return parts or _caller.threads
 
 
 @_jit
@@ -710,32 +712,33 @@ def average_pool(fmap: torch.Tensor, size: Tuple[int, int], out: Optional[torch.
     return out
 
 
-def _rows(values: torch.Tensor) -> Optional[Tuple[np.ndarray, bool]]:
-    """(array, token_major): the C-contiguous NumPy array that a (C, N) CPU map views, (C, N) channel-major or
-    (N, C) token-major; None for a map of another shape or layout. Read from NumPy's flags: each PyTorch
-    call (strides, contiguity, transposes) cost a capture hook microseconds on the forward pass's caches."""
-    array = values.numpy()
-    if array.ndim != 2:
-        return None
+def _rows(array: np.ndarray) -> Optional[Tuple[np.ndarray, bool]]:
+    """(rows, token_major): ``array``, a (C, N) or (C, H, W) map, as the C-contiguous NumPy array it views,
+    (C, N) channel-major or (N, C) token-major; None for another layout. Read from NumPy's flags: each
+    PyTorch call (strides, contiguity, reshapes) cost a capture hook microseconds on the forward's caches."""
+    channels = array.shape[0]
     if array.flags.c_contiguous:
-        return array, False
-    if array.flags.f_contiguous:
-        return array.T, True
+        return array.reshape(channels, -1), False
+    tokens = array.transpose(*range(1, array.ndim), 0)  # (N, C) or (H, W, C)
+    if tokens.flags.c_contiguous:
+        return tokens.reshape(-1, channels), True
     return None
 
 
 def reduce_map(values: torch.Tensor, top_k: int, sun_bar: Tuple[float, float], parts: Optional[int] = None
                ) -> Optional[FusedReduction]:
-    """Fused statistics of a (C, N) float32 CPU map, or None when the kernels cannot take it (no numba, another
-    device or dtype, a layout other than channel- or token-major): the caller then uses PyTorch.
+    """Fused statistics of a (C, N) or (C, H, W) float32 CPU map, or None when the kernels cannot take it (no
+    numba, another device or dtype, a layout other than channel- or token-major): the caller then uses PyTorch.
 
     ``sun_bar`` (minimum magnitude, median factor) defines Sun et al.'s massive activations, as
     :mod:`t2t_viz.stats` gives it. ``parts``: runs of the map spread over threads (default: one per PyTorch
-    thread); the figures of a given count are always the same."""
-    if not fused_available() or not values.is_cpu or values.dtype != torch.float32 or values.requires_grad:
-        return None  # is_cpu: device.type cost a hook 6 us
-    rows = _rows(values)
-    if rows is None or not rows[0].size:
+    thread); the figures of a given count are always the same. The map goes to NumPy at once, and every
+    check is an attribute's: in a capture hook, each PyTorch call cost microseconds (device.type 6 us)."""
+    if _SWITCHED_OFF or numba is None or not values.is_cpu or values.dtype is not torch.float32 \
+            or values.requires_grad or not values.numel():
+        return None
+    rows = _rows(values.numpy())
+    if rows is None:
         return None
     array, token_major = rows  # C-contiguous (N, C) or (C, N)
     tokens, channels = array.shape if token_major else array.shape[::-1]
@@ -748,7 +751,7 @@ def reduce_map(values: torch.Tensor, top_k: int, sun_bar: Tuple[float, float], p
 def first_max_positions(values: torch.Tensor, maximum: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
     """(C,) int64: where each channel's ``maximum`` (C,) first occurs in a float32 CPU map that
     :func:`reduce_map` took, for the channels whose maximum reaches ``floor`` (C,) or (); -1 elsewhere."""
-    array, token_major = _rows(values)
+    array, token_major = _rows(values.numpy())
     floors = floor.numpy().astype(np.float32)
     if floors.shape != maximum.shape:
         floors = np.full(maximum.shape, floors, np.float32)
@@ -787,5 +790,5 @@ def flag_ids(max_abs: np.ndarray, minimum: np.ndarray, maximum: np.ndarray, thre
 
 def count_over(values: torch.Tensor, threshold: float) -> int:
     """How many |x| of a float32 CPU map that :func:`reduce_map` took are over ``threshold`` (>= 0)."""
-    array = _rows(values)[0]
+    array = _rows(values.numpy())[0]
     return int(_count_over(array.view(np.int32).reshape(-1), np.float32(threshold).view(np.int32)))

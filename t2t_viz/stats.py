@@ -374,16 +374,15 @@ def layer_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None, top_k
     :func:`max_positions`). Tensor operations only, so it also runs shape-only on the meta device. The
     results are small and on the CPU.
     """
-    values = fmap.reshape(fmap.shape[0], -1)  # (C, N)
-    fused = reduce_map(values, top_k, _SUN_BAR)  # float32 CPU maps only
+    fused = reduce_map(fmap, top_k, _SUN_BAR)  # float32 CPU maps only
     if fused is not None:  # the fused kernels' results, already on the CPU
-        positions = None if position_floor is None else first_max_positions(values, fused.maximum, position_floor)
+        positions = None if position_floor is None else first_max_positions(fmap, fused.maximum, position_floor)
         prefix_stats = None
         if prefix is not None and prefix.shape[0]:
             prefix_stats = _prefix_stats(prefix, float(_sun_bar(fused.median_abs)))
         return _FusedLayerStats(fused, fmap.shape[1:], prefix_stats, positions)
     # another device or dtype, or no numba: PyTorch's reductions, one statistic at a time
-    values = values.float()
+    values = fmap.reshape(fmap.shape[0], -1).float()  # (C, N)
     channels = channel_stats(fmap)
     token_norms = (values * values).sum(dim=0).sqrt()  # (N,)
     top_values, top_channels, top_positions = _top_activations(values, channels.max_abs, top_k)

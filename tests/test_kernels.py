@@ -136,6 +136,34 @@ def test_the_median_s_bin_read_at_block_edges(places):
     _check(torch.from_numpy(planted).reshape(-1, 1))
 
 
+def test_a_map_of_any_grid_shape_in_either_layout_is_read_in_place():
+    """A (C, H, W) map, channel-major or a (H, W, C) token grid's view: the figures of its (C, N) view, bit for
+    bit, and its maxima located; a layout that is neither goes to PyTorch."""
+    generator = torch.Generator().manual_seed(9)
+    grid = torch.randn(28, 28, 96, generator=generator)  # (H, W, C) tokens
+    for fmap in (grid.permute(2, 0, 1), grid.permute(2, 0, 1).contiguous()):  # token-, channel-major
+        flat = kernels.reduce_map(fmap.reshape(96, -1), 5, SUN_BAR)
+        shaped = kernels.reduce_map(fmap, 5, SUN_BAR)
+        np.testing.assert_array_equal(shaped.floats.view(np.int32), flat.floats.view(np.int32))
+        np.testing.assert_array_equal(shaped.ints, flat.ints)
+        located = kernels.first_max_positions(fmap, shaped.maximum, torch.tensor(-float('inf')))
+        assert torch.equal(located, fmap.reshape(96, -1).argmax(dim=1))
+    assert kernels.reduce_map(grid.permute(2, 0, 1)[:, :, ::2], 5, SUN_BAR) is None
+
+
+@pytest.mark.skipif(not kernels._PARALLEL, reason="numba's OpenMP threading layer is not loaded")
+def test_runs_follow_pytorch_s_thread_count():
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            assert kernels._parts() == threads
+            assert __import__('numba').get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+        kernels._parts()
+
+
 def test_nan_infinities_and_signed_zeros_per_channel():
     values = torch.tensor([[1.0, float('nan'), -2.0, 0.5],
                            [-float('nan'), 3.0, -0.0, 0.0],
