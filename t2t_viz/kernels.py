@@ -40,6 +40,7 @@ _FINEST_SHIFT = 17  # the median's histogram bins |x| by its bits >> 17 at most:
 _COARSEST_SHIFT = 25  # and >> 25 at least (64 bins), so that its counters never outweigh a small map
 _SUBHISTOGRAMS = 4  # independent counters for neighbouring values, so increments do not wait on each other
 _COLLECT_BLOCK = 64  # values the median's last pass counts at once before it copies any
+_ZERO_BLOCK = 8  # values the median's histogram checks for all zeros at once (see _count_bins)
 _DIRECT_SELECTION = 8192  # up to this many values, a median is selected among copies of them all
 _POSITIVE_INFINITY_KEY = 0x7F800000
 _NEGATIVE_INFINITY_KEY = -0x7F800001  # the order key of -inf
@@ -318,15 +319,25 @@ def _histogram(flat_bits, shift, counts, later_counts):
 @_jit
 def _count_bins(flat_bits, shift, counts):
     """counts (4, bins): ``_histogram`` of one run, neighbouring values into different rows of counters, so
-    that increments do not wait on each other."""
+    that increments do not wait on each other. A block of 8 zeros (either sign), common in a ReLU's output,
+    is counted at once: runs of zeros would otherwise wait on the same 4 counters (a tenth of a histogram of
+    ResNet50's maps at 224)."""
     shift = np.int32(shift)
     counts[:] = 0
     size = flat_bits.shape[0]
-    for i in range(0, size - 3, 4):
-        for row in range(4):
-            counts[row, (flat_bits[i + row] & _MAGNITUDE) >> shift] += 1
-    for i in range(size - size % 4, size):
+    zero_blocks = 0
+    for i in range(0, size - _ZERO_BLOCK + 1, _ZERO_BLOCK):
+        magnitudes = np.int32(0)
+        for j in range(_ZERO_BLOCK):
+            magnitudes |= flat_bits[i + j] & _MAGNITUDE
+        if magnitudes == 0:
+            zero_blocks += 1
+            continue
+        for j in range(_ZERO_BLOCK):
+            counts[j % _SUBHISTOGRAMS, (flat_bits[i + j] & _MAGNITUDE) >> shift] += 1
+    for i in range(size - size % _ZERO_BLOCK, size):
         counts[0, (flat_bits[i] & _MAGNITUDE) >> shift] += 1
+    counts[0, 0] += _ZERO_BLOCK * zero_blocks
 
 
 @_jit

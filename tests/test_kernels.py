@@ -136,6 +136,29 @@ def test_the_median_s_bin_read_at_block_edges(places):
     _check(torch.from_numpy(planted).reshape(-1, 1))
 
 
+def test_runs_of_zeros_in_a_relu_map_of_resnet_conv1_at_224():
+    """ResNet50's conv1 ReLU at 224 (64 x 112 x 112), a little under half zeros, in runs that start on and off
+    the histogram's blocks of 8, with signed zeros: the histogram counts every value once (blocks of zeros at
+    once, the rest one by one) and the median is exact with 1, 2 and 3 runs."""
+    generator = np.random.default_rng(8)
+    values = np.abs(generator.standard_normal((64, 112 * 112))).astype(np.float32) + np.float32(1e-3)
+    for row in values:
+        starts = np.sort(generator.choice(112 * 112 - 64, 180, replace=False))
+        for start, length in zip(starts, generator.integers(1, 70, starts.size)):
+            row[start:start + length] = 0.0
+    values[::3, ::5] *= -1  # signed zeros and signed values
+    zeros = np.count_nonzero(values == 0)
+    assert 0.3 < zeros / values.size < 0.5
+    flat_bits = values.view(np.int32).reshape(-1)[:-3]  # a size that is not a multiple of 8
+    shift = kernels._bin_shift(flat_bits.size)
+    counts = np.empty((kernels._SUBHISTOGRAMS, 1 << (31 - shift)), np.int32)
+    kernels._count_bins(flat_bits, shift, counts)
+    expected = np.bincount((flat_bits & 0x7FFFFFFF) >> shift, minlength=counts.shape[1])
+    np.testing.assert_array_equal(counts.sum(axis=0), expected)
+    _check(torch.from_numpy(values))
+    _check(torch.from_numpy(values).t().contiguous().t())  # token-major memory
+
+
 def test_a_map_of_any_grid_shape_in_either_layout_is_read_in_place():
     """A (C, H, W) map, channel-major or a (H, W, C) token grid's view: the figures of its (C, N) view, bit for
     bit, and its maxima located; a layout that is neither goes to PyTorch."""
