@@ -229,6 +229,7 @@ def test_maps_the_kernels_do_not_take_go_to_pytorch():
     assert kernels.reduce_map(torch.randn(4, 6, device='meta'), 5, SUN_BAR) is None
     neither = torch.randn(4, 6, 2)[:, :, 0]  # neither channel- nor token-major
     assert kernels.reduce_map(neither, 5, SUN_BAR) is None
+    assert kernels.reduce_map(torch.randn(6), 5, SUN_BAR) is None  # no channel axis
 
 
 @pytest.mark.parametrize('setting, available', [('0', False), ('1', True)])
