@@ -745,10 +745,10 @@ def reduce_map(values: torch.Tensor, top_k: int, sun_bar: Tuple[float, float], p
 
     ``sun_bar`` (minimum magnitude, median factor) defines Sun et al.'s massive activations, as
     :mod:`t2t_viz.stats` gives it. ``parts``: runs of the map spread over threads (default: one per PyTorch
-    thread); the figures of a given count are always the same. The map goes to NumPy at once, and every
-    check is an attribute's: in a capture hook, each PyTorch call cost microseconds (device.type 6 us)."""
-    if _SWITCHED_OFF or numba is None or not values.is_cpu or values.dtype is not torch.float32 \
-            or values.requires_grad or not values.numel():
+    thread); the figures of a given count are always the same. The map goes to NumPy at once, and the map's
+    checks are attributes: in a capture hook, each PyTorch call cost microseconds (device.type 6 us)."""
+    if not fused_available() or not values.is_cpu or values.dtype is not torch.float32 or values.requires_grad \
+            or not values.numel():
         return None
     rows = _rows(values.numpy())
     if rows is None:

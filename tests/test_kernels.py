@@ -181,7 +181,7 @@ def test_runs_follow_pytorch_s_thread_count():
         for threads in (1, 2, 1):
             torch.set_num_threads(threads)
             assert kernels._parts() == threads
-            assert __import__('numba').get_num_threads() == threads
+            assert kernels.numba.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
         kernels._parts()
