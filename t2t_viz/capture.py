@@ -157,7 +157,9 @@ class Recorder:
     """Turns outputs at known points into per-image layer records: reduced in place, kept as asked.
 
     ``reduce(fmap, prefix)`` gets each image's full (C, H, W) map and its (P, C) prefix tokens (None for
-    points without them); a ``reduce`` with a ``for_point(point)`` method gives the function for each point.
+    points without them), or a batch's (B, C, H, W) maps and (B, P, C) prefix tokens at once when it has a
+    ``batch(fmaps, prefixes)`` method (returning a list); a ``reduce`` with a ``for_point(point)`` method gives
+    the function for each point.
     A point known to repeat the previous point's output (a timm ResNet stage's output is its last ReLU's
     output, untouched in between) reuses that reduction and that kept map when it is the very same tensor.
 
@@ -173,6 +175,9 @@ class Recorder:
                  copy_elements: int = 0):
         self.points = {p.module_name: p for p in points}
         self.dtype, self.max_side, self.keep_maps, self.reduce = dtype, max_side, keep_maps, reduce
+        for_point = getattr(reduce, 'for_point', None)
+        self._reducers = {p.module_name: _batch_reduce(for_point(p) if for_point else reduce)
+                          for p in points} if reduce else {}  # found once, not in each hook
         self.progress, self.stop_after = progress, stop_after
         self.outputs: List[Tuple[Point, Tuple[int, int, int], Optional[torch.Tensor], List[Any]]] = []
         self._last: Optional[Tuple[weakref.ref, List[Any], Optional[torch.Tensor]]] = None  # output, reduced, kept
@@ -181,12 +186,10 @@ class Recorder:
         self._copies: Optional[torch.Tensor] = None  # (copy_elements,) the pass's one buffer, made at the first copy
 
     def _reduced(self, point: Point, output: torch.Tensor, fmap: torch.Tensor) -> List[Any]:
-        if not self.reduce:
+        reduce = self._reducers.get(point.module_name)
+        if reduce is None:
             return [None] * fmap.shape[0]
-        prefix = output[:, :point.prefix] if point.prefix else None  # (B, P, C)
-        for_point = getattr(self.reduce, 'for_point', None)
-        reduce = for_point(point) if for_point else self.reduce
-        return [reduce(fmap[i], None if prefix is None else prefix[i]) for i in range(fmap.shape[0])]
+        return reduce(fmap, output[:, :point.prefix] if point.prefix else None)  # prefix (B, P, C)
 
     def record(self, point: Point, output: torch.Tensor) -> None:
         fmap = point.to_map(output)  # (B, C, H, W)
@@ -250,6 +253,18 @@ class Recorder:
             image = x[i].to(_host(x), torch.float16) if self.keep_maps else None
             captures.append(Capture(layers, image_logits, image, procedure))
         return captures
+
+
+def _batch_reduce(reduce: Callable[..., Any]) -> Callable[[torch.Tensor, Optional[torch.Tensor]], List[Any]]:
+    """``reduce`` for a (B, C, H, W) batch and its (B, P, C) prefix tokens (or None): its own ``batch`` method
+    where it has one, else ``reduce`` called for each image."""
+    batch = getattr(reduce, 'batch', None)
+    if batch is not None:
+        return batch
+
+    def each_image(fmap: torch.Tensor, prefix: Optional[torch.Tensor]) -> List[Any]:
+        return [reduce(fmap[i], None if prefix is None else prefix[i]) for i in range(fmap.shape[0])]
+    return each_image
 
 
 def _within_float16(reduced: List[Any]) -> bool:
@@ -430,11 +445,8 @@ def select_points(points: List[Point], wanted: Optional[Collection[str]]) -> Lis
     return chosen
 
 
-def _hook(owner: Recorder, module_name: str, module: nn.Module, inputs, output) -> None:
-    if hook_owner() is not owner:
-        return  # a hook of another capture, or a forward pass of another caller
-    point = owner.points.get(module_name)
-    if point is not None:
+def _hook(owner: Recorder, point: Point, module: nn.Module, inputs, output) -> None:
+    if _hook_owner.get() is owner:  # else a hook of another capture, or a forward pass of another caller
         owner.record(point, output)
 
 
@@ -464,7 +476,8 @@ def run(
         max_side: keep average-pooled copies no larger than this (for display; ``reduce`` sees full maps).
         reduce: called as ``reduce(fmap, prefix)`` on every full (C, H, W) map of every image inside the hook,
             with the (P, C) prefix tokens of token layers (else None); its result is ``Layer.stats``. It must
-            not keep the map.
+            not keep the map. A ``batch`` method, where it has one, takes the whole batch instead (see
+            :class:`Recorder`).
         progress: called with (layers recorded, layers to record) as the pass goes.
         stop_early: stop the pass after the last requested layer (logits are then None).
         edits: changes to module outputs during this pass only (see :class:`Edit`); a recorded layer shows
@@ -483,7 +496,7 @@ def run(
     recorder = Recorder(points, dtype, max_side, keep_maps, reduce, progress,
                         stop_after=points[-1].module_name if stop_early and points else None,
                         copy_elements=_copied_before(model, copies_key) if keep_maps else 0)
-    hooks = [(modules[p.module_name], functools.partial(_hook, recorder, p.module_name)) for p in points]
+    hooks = [(modules[p.module_name], functools.partial(_hook, recorder, p)) for p in points]
     logits = hooked_pass(model, x, recorder, edit_hooks(model, recorder, edits) + hooks)
     if recorder.copied:
         with _targets_lock:

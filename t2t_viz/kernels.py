@@ -33,8 +33,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ['FusedReduction', 'fused_available', 'reduce_map', 'count_over', 'first_max_positions', 'flag_ids',
-           'average_pool', 'compile_kernels']
+__all__ = ['FusedReduction', 'fused_available', 'readable', 'reduce_map', 'reduce_array', 'count_over',
+           'first_max_positions', 'flag_ids', 'average_pool', 'compile_kernels']
 
 _FINEST_SHIFT = 17  # the median's histogram bins |x| by its bits >> 17 at most: 8 exponent, 6 mantissa bits
 _COARSEST_SHIFT = 25  # and >> 25 at least (64 bins), so that its counters never outweigh a small map
@@ -738,6 +738,16 @@ def _rows(array: np.ndarray) -> Optional[Tuple[np.ndarray, bool]]:
     return None
 
 
+def readable(values: torch.Tensor) -> Optional[np.ndarray]:
+    """``values`` as the NumPy array the kernels read (a view), or None where they cannot take it: no numba, or
+    not a float32 CPU tensor. Its checks are attributes: in a capture hook, each PyTorch call cost
+    microseconds (device.type 6 us)."""
+    if not fused_available() or not values.is_cpu or values.dtype is not torch.float32 or values.requires_grad \
+            or not values.numel():
+        return None
+    return values.numpy()
+
+
 def reduce_map(values: torch.Tensor, top_k: int, sun_bar: Tuple[float, float], parts: Optional[int] = None
                ) -> Optional[FusedReduction]:
     """Fused statistics of a (C, N) or (C, H, W) float32 CPU map, or None when the kernels cannot take it (no
@@ -745,12 +755,15 @@ def reduce_map(values: torch.Tensor, top_k: int, sun_bar: Tuple[float, float], p
 
     ``sun_bar`` (minimum magnitude, median factor) defines Sun et al.'s massive activations, as
     :mod:`t2t_viz.stats` gives it. ``parts``: runs of the map spread over threads (default: one per PyTorch
-    thread); the figures of a given count are always the same. The map goes to NumPy at once, and the map's
-    checks are attributes: in a capture hook, each PyTorch call cost microseconds (device.type 6 us)."""
-    if not fused_available() or not values.is_cpu or values.dtype is not torch.float32 or values.requires_grad \
-            or not values.numel():
-        return None
-    rows = _rows(values.numpy())
+    thread); the figures of a given count are always the same."""
+    array = readable(values)
+    return None if array is None else reduce_array(array, top_k, sun_bar, parts)
+
+
+def reduce_array(array: np.ndarray, top_k: int, sun_bar: Tuple[float, float], parts: Optional[int] = None
+                 ) -> Optional[FusedReduction]:
+    """:func:`reduce_map` of a map that :func:`readable` gave (a whole batch's is read once, then indexed)."""
+    rows = _rows(array)
     if rows is None:
         return None
     array, token_major = rows  # C-contiguous (N, C) or (C, N)
@@ -761,10 +774,10 @@ def reduce_map(values: torch.Tensor, top_k: int, sun_bar: Tuple[float, float], p
     return FusedReduction(floats, ints, channels, tokens)
 
 
-def first_max_positions(values: torch.Tensor, maximum: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
-    """(C,) int64: where each channel's ``maximum`` (C,) first occurs in a float32 CPU map that
-    :func:`reduce_map` took, for the channels whose maximum reaches ``floor`` (C,) or (); -1 elsewhere."""
-    array, token_major = _rows(values.numpy())
+def first_max_positions(values: np.ndarray, maximum: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """(C,) int64: where each channel's ``maximum`` (C,) first occurs in a float32 map that :func:`reduce_array`
+    took, for the channels whose maximum reaches ``floor`` (C,) or (); -1 elsewhere."""
+    array, token_major = _rows(values)
     floors = floor.numpy().astype(np.float32)
     if floors.shape != maximum.shape:
         floors = np.full(maximum.shape, floors, np.float32)
@@ -780,7 +793,7 @@ def compile_kernels() -> bool:
         return False
     for values in (torch.ones(3, 5), torch.ones(5, 3).t()):  # channel-major, token-major
         reduce_map(values, 2, (1.0, 1.0))  # compiled for the arguments' types: any bar will do
-        first_max_positions(values, torch.ones(3), torch.tensor(0.0))
+        first_max_positions(values.numpy(), torch.ones(3), torch.tensor(0.0))
         count_over(values, 0.5)
     for fmap in (torch.ones(1, 3, 4, 4), torch.ones(1, 4, 4, 3).permute(0, 3, 1, 2)):
         for dtype in (torch.float32, torch.float16):

@@ -13,7 +13,7 @@ from timm.data import ImageNetInfo
 
 from . import attention, capture, memory, procedures, zoo
 from .images import denormalize, preprocess_batch
-from .stats import LayerStats, LayerSummary, Thresholds, layer_stats, summarize
+from .stats import LayerSummary, StatisticsReduce, Thresholds, layer_stats, summarize
 from .zoo import LoadedModel, WeightsInfo
 
 __all__ = ['ModelResult', 'inspect_images', 'run_batch', 'memory_estimate', 'display_estimate', 'rollout_estimate',
@@ -217,7 +217,7 @@ def inspect_images(
     (``LayerStats.max_positions``); ``inputs``: the batch already prepared (see :func:`input_transform`),
     ``images`` then unused. The other options are those of :func:`t2t_viz.capture.run`.
     """
-    reduce = layer_stats if position_floors is None else _LocatingStats(position_floors)
+    reduce = StatisticsReduce() if position_floors is None else _LocatingStats(position_floors)
     captures = run_batch(loaded, images, procedure, inputs, mlp_hidden=mlp_hidden, dtype=dtype, max_side=max_side,
                          keep_maps=keep_maps, layers=layers, reduce=reduce, progress=progress,
                          stop_early=stop_early, edits=tuple(edits))
@@ -233,8 +233,8 @@ class _LocatingStats:
     def __init__(self, floors: Callable[[str], torch.Tensor]):
         self.floors = floors
 
-    def for_point(self, point: capture.Point) -> Callable[..., LayerStats]:
-        return functools.partial(layer_stats, position_floor=self.floors(point.module_name))
+    def for_point(self, point: capture.Point) -> StatisticsReduce:
+        return StatisticsReduce(position_floor=self.floors(point.module_name))
 
 
 def _input_normalization(loaded: LoadedModel, procedure: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:

@@ -39,12 +39,12 @@ import numpy as np
 import torch
 
 from .capture import REAL_FORWARD, Layer
-from .kernels import FusedReduction, first_max_positions, flag_ids, fused_available, reduce_map
+from .kernels import FusedReduction, first_max_positions, flag_ids, fused_available, readable, reduce_array
 
 __all__ = ['Thresholds', 'ChannelStats', 'LayerStats', 'PrefixStats', 'LayerSummary', 'PrefixToken',
            'TopActivation', 'channel_stats', 'layer_stats', 'max_positions', 'kth_smallest_abs', 'summarize',
            'CSV_COLUMNS', 'PREFIX_COLUMNS', 'write_csv', 'csv_text', 'DeadChannelCounter', 'ChannelCounts',
-           'PER_CHANNEL_COLUMNS', 'TOP_K', 'SUN_MIN_MAGNITUDE', 'SUN_MEDIAN_FACTOR']
+           'PER_CHANNEL_COLUMNS', 'TOP_K', 'SUN_MIN_MAGNITUDE', 'SUN_MEDIAN_FACTOR', 'StatisticsReduce']
 
 PREFIX_COLUMNS = ('prefix_tokens', 'prefix_max_abs', 'prefix_max_abs_token', 'prefix_max_abs_channel',
                   'prefix_max_abs_ratio', 'prefix_sun_massive', 'prefix_norms', 'prefix_high_norm_tokens')
@@ -374,14 +374,27 @@ def layer_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None, top_k
     :func:`max_positions`). Tensor operations only, so it also runs shape-only on the meta device. The
     results are small and on the CPU.
     """
-    fused = reduce_map(fmap, top_k, _SUN_BAR)  # float32 CPU maps only
-    if fused is not None:  # the fused kernels' results, already on the CPU
-        positions = None if position_floor is None else first_max_positions(fmap, fused.maximum, position_floor)
-        prefix_stats = None
-        if prefix is not None and prefix.shape[0]:
-            prefix_stats = _prefix_stats(prefix, float(_sun_bar(fused.median_abs)))
-        return _FusedLayerStats(fused, fmap.shape[1:], prefix_stats, positions)
-    # another device or dtype, or no numba: PyTorch's reductions, one statistic at a time
+    array = readable(fmap)  # float32 CPU maps only
+    fused = None if array is None else _fused_stats(array, prefix, top_k, position_floor)
+    return _torch_stats(fmap, prefix, top_k, position_floor) if fused is None else fused
+
+
+def _fused_stats(array: np.ndarray, prefix: Optional[torch.Tensor], top_k: int,
+                 position_floor: Optional[torch.Tensor]) -> Optional[LayerStats]:
+    """layer_stats of a (C, H, W) map by the fused kernels, or None where they cannot take its layout."""
+    fused = reduce_array(array, top_k, _SUN_BAR)
+    if fused is None:
+        return None
+    positions = None if position_floor is None else first_max_positions(array, fused.maximum, position_floor)
+    prefix_stats = None
+    if prefix is not None and prefix.shape[0]:
+        prefix_stats = _prefix_stats(prefix, float(_sun_bar(fused.median_abs)))
+    return _FusedLayerStats(fused, array.shape[1:], prefix_stats, positions)
+
+
+def _torch_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor], top_k: int,
+                 position_floor: Optional[torch.Tensor]) -> LayerStats:
+    """layer_stats by PyTorch's reductions, one statistic at a time: another device or dtype, or no numba."""
     values = fmap.reshape(fmap.shape[0], -1).float()  # (C, N)
     channels = channel_stats(fmap)
     token_norms = (values * values).sum(dim=0).sqrt()  # (N,)
@@ -406,6 +419,28 @@ def layer_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None, top_k
     return LayerStats(channels, *map(_host, (token_norms.reshape(fmap.shape[1:]), top_values, top_channels,
                                              top_positions, median_abs, sun_massive)),
                       median_norm, max_norm, prefix_stats, positions)
+
+
+class StatisticsReduce:
+    """:func:`layer_stats` as a capture's ``reduce``, per image (``__call__``) or for the images of a batch at
+    once (``batch``): a float32 CPU batch goes to NumPy once, where a tensor made for each image (and read
+    again) cost a capture hook microseconds on caches the forward pass has just evicted."""
+
+    def __init__(self, top_k: int = TOP_K, position_floor: Optional[torch.Tensor] = None):
+        self.top_k, self.position_floor = top_k, position_floor
+
+    def __call__(self, fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None) -> LayerStats:
+        return layer_stats(fmap, prefix, self.top_k, self.position_floor)
+
+    def batch(self, fmaps: torch.Tensor, prefixes: Optional[torch.Tensor] = None) -> List[LayerStats]:
+        """The statistics of each (C, H, W) map of ``fmaps`` (B, C, H, W) and its (P, C) ``prefixes`` (B, P, C)."""
+        arrays = readable(fmaps)
+        results = []
+        for i in range(fmaps.shape[0]):
+            prefix = None if prefixes is None else prefixes[i]
+            fused = None if arrays is None else _fused_stats(arrays[i], prefix, self.top_k, self.position_floor)
+            results.append(_torch_stats(fmaps[i], prefix, self.top_k, self.position_floor) if fused is None else fused)
+        return results
 
 
 def _sun_bar(median_abs: torch.Tensor) -> torch.Tensor:
@@ -452,8 +487,7 @@ class LayerSummary:
     dead_ids: List[int]
     flat_ids: List[int]
     massive_ids: List[int]
-    stats: ChannelStats = field(repr=False)
-    token_norms: torch.Tensor = field(repr=False)  # (H, W)
+    reduced: LayerStats = field(repr=False)  # what the capture reduced; its tensors are made when first read
     top: List[TopActivation] = field(default_factory=list)  # largest |x| first
     median_abs: float = 0.0
     sun_massive: int = 0
@@ -466,6 +500,15 @@ class LayerSummary:
     @property
     def tokens(self) -> int:
         return self.height * self.width
+
+    @property
+    def stats(self) -> ChannelStats:
+        return self.reduced.channels
+
+    @property
+    def token_norms(self) -> torch.Tensor:
+        """(H, W) the L2 norm over channels at each position."""
+        return self.reduced.token_norms
 
     @property
     def dead(self) -> int:
@@ -555,7 +598,7 @@ def summarize(layer: Layer, thresholds: Thresholds = Thresholds()) -> LayerSumma
     return LayerSummary(
         name=layer.name, label=layer.label, kind=layer.kind, depth=layer.depth, height=layer.height,
         width=width, channels=layer.channels, dead_ids=dead_ids, flat_ids=flat_ids, massive_ids=massive_ids,
-        stats=reduced.channels, token_norms=reduced.token_norms, top=top, median_abs=numbers.median_abs,
+        reduced=reduced, top=top, median_abs=numbers.median_abs,
         sun_massive=numbers.sun_massive, median_token_norm=numbers.median_token_norm,
         max_token_norm=numbers.max_token_norm, high_norm_tokens=high_norm_tokens,
         high_norm_factor=thresholds.high_norm_factor, prefix=prefix)

@@ -169,7 +169,7 @@ def test_a_map_of_any_grid_shape_in_either_layout_is_read_in_place():
         shaped = kernels.reduce_map(fmap, 5, SUN_BAR)
         np.testing.assert_array_equal(shaped.floats.view(np.int32), flat.floats.view(np.int32))
         np.testing.assert_array_equal(shaped.ints, flat.ints)
-        located = kernels.first_max_positions(fmap, shaped.maximum, torch.tensor(-float('inf')))
+        located = kernels.first_max_positions(fmap.numpy(), shaped.maximum, torch.tensor(-float('inf')))
         assert torch.equal(located, fmap.reshape(96, -1).argmax(dim=1))
     assert kernels.reduce_map(grid.permute(2, 0, 1)[:, :, ::2], 5, SUN_BAR) is None
 
@@ -282,12 +282,12 @@ def test_first_max_positions_of_the_channels_that_reach_their_floor(token_major)
     maximum = values.amax(dim=1)
     floor = torch.full((300,), 3.5)  # about the median maximum of 4096 normal values
     floor[[7, 8, 9]] = -float('inf')
-    located = kernels.first_max_positions(values, maximum, floor)
+    located = kernels.first_max_positions(values.numpy(), maximum, floor)
     wanted = maximum >= floor
     assert torch.equal(located[wanted], values.argmax(dim=1)[wanted])
     assert (located[~wanted] == -1).all() and located[7] == 30 and located[8] == 0 and located[9] == -1
     assert 20 < int(wanted.sum()) < 280  # both kinds of channel are there
-    everywhere = kernels.first_max_positions(values, maximum, torch.tensor(-float('inf')))
+    everywhere = kernels.first_max_positions(values.numpy(), maximum, torch.tensor(-float('inf')))
     finite = ~torch.isnan(maximum)
     assert torch.equal(everywhere[finite], values.argmax(dim=1)[finite])
 

@@ -10,8 +10,8 @@ import torch
 
 from t2t_viz import capture
 from t2t_viz.capture import Layer
-from t2t_viz.stats import (CSV_COLUMNS, PREFIX_COLUMNS, ChannelStats, Thresholds, csv_text, kth_smallest_abs,
-                           layer_stats, summarize)
+from t2t_viz.stats import (CSV_COLUMNS, PREFIX_COLUMNS, ChannelStats, LayerStats, Thresholds, csv_text,
+                           kth_smallest_abs, layer_stats, summarize)
 
 pytestmark = pytest.mark.usefixtures('statistics_backend')  # every test with the fused kernels and with PyTorch
 
@@ -289,13 +289,17 @@ def test_negative_values_exactly_at_the_bar_are_not_counted_and_prefix_counts_ar
 
 def test_row_of_a_layer_with_several_ids_and_of_one_without_values():
     from t2t_viz.stats import LayerSummary
-    empty = ChannelStats(*(torch.zeros(0),) * 4)
+    def nothing_reduced(height: int, width: int) -> LayerStats:
+        none = torch.zeros(0)
+        return LayerStats(ChannelStats(none, none, none, none), torch.zeros(height, width), none, none.long(),
+                          none.long(), torch.tensor(0.0), torch.tensor(0), torch.tensor(0.0), torch.tensor(0.0))
+
     summary = LayerSummary('x', 'x', 'relu', 0, 2, 2, 8, dead_ids=[1, 5], flat_ids=[4, 6], massive_ids=[2, 3],
-                           stats=empty, token_norms=torch.zeros(2, 2))
+                           reduced=nothing_reduced(2, 2))
     row = summary.row('a.png', 'm', 'random')
     assert (row['dead_ids'], row['flat_ids'], row['massive_ids']) == ('1;5', '4;6', '2;3')
     assert (row['max_abs'], row['max_abs_channel'], row['max_abs_row'], row['max_abs_col']) == ('0', -1, -1, -1)
-    nothing = LayerSummary('y', 'y', 'relu', 0, 0, 0, 0, [], [], [], empty, torch.zeros(0, 0))
+    nothing = LayerSummary('y', 'y', 'relu', 0, 0, 0, 0, [], [], [], nothing_reduced(0, 0))
     row = nothing.row('a.png', 'm', 'random')
     assert (row['dead_fraction'], row['flat_fraction'], row['massive_fraction'], row['high_norm_fraction']) == \
         ('0', '0', '0', '0')
