@@ -213,7 +213,8 @@ class Recorder:
     def _keep(self, fmap: torch.Tensor, must_copy: bool, reduced: List[Any]) -> torch.Tensor:
         """The copy of ``fmap`` (B, C, H, W) to keep: pooled to ``max_side``, in ``dtype``, on the host; the map
         itself where it needs neither (then ``must_copy`` says whether later in-place ops could change it)."""
-        fmap = fmap.detach()
+        if fmap.requires_grad:
+            fmap = fmap.detach()
         batch, channels, height, width = fmap.shape
         size = pooled_size(height, width, self.max_side) if self.max_side else (height, width)
         pooled = size != (height, width)

@@ -74,10 +74,19 @@ class FusedReduction:
     median_token_norm, max_token_norm () float32 (medians exact and lower); sun_massive () int64, values with
     |x| > max(100, 1000 x median |x|)."""
 
-    def __init__(self, floats: np.ndarray, ints: np.ndarray, channels: int, tokens: int):
+    def __init__(self, floats: np.ndarray, ints: np.ndarray, channels: int, tokens: int, flags: np.ndarray):
         self.floats, self.ints = floats, ints  # (4 C + N + k + 3,) float32, (2 k + 1,) int64
+        self.flags = flags  # (4 + 3 C,) int64 counts and ids of the channel flags, or (0,) when not flagged
         self.channels, self.tokens, self.k = channels, tokens, (ints.shape[0] - 1) // 2
         self._views: Optional[Dict[str, np.ndarray]] = None
+
+    def flag_lists(self) -> Optional[Tuple[List[int], List[int], List[int], int]]:
+        """What :func:`flag_ids` gives under the bounds the reduction was asked for; None when not asked."""
+        if not self.flags.shape[0]:
+            return None
+        dead, flat, massive, high_norm = self.flags[:4].tolist()
+        listed = self.flags[4:4 + dead + flat + massive].tolist()
+        return listed[:dead], listed[dead:dead + flat], listed[dead + flat:], high_norm
 
     def array(self, name: str) -> np.ndarray:
         """The figure ``name`` (one of the attributes) as a NumPy view of the kernel's output."""
@@ -465,13 +474,15 @@ def _sun_count(flat_bits, median, largest, min_magnitude, median_factor):
 
 
 @_jit
-def _reduce(array, token_major, sun_min_magnitude, sun_median_factor, floats, ints, parts):
+def _reduce(array, token_major, sun_min_magnitude, sun_median_factor, flag_bounds, floats, ints, flags, parts):
     """Every figure of a map in one call (each call from Python costs microseconds), the passes over the whole
     map spread over ``parts`` threads.
 
     floats (4 C + N + k + 3,) float32: minimum, maximum, max |x| and mean per channel, the N token norms, the
     k largest |x| (signed), then median |x|, median token norm, max token norm; ints (2 k + 1,) int64: the
-    top activations' channels, their positions, then the count of Sun et al.'s massive activations."""
+    top activations' channels, their positions, then the count of Sun et al.'s massive activations; flags
+    (4 + 3 C,) int64, unless empty: :func:`_flag_ids`'s four counts, then its ids, under ``flag_bounds``
+    (dead_atol, flat_atol, massive_factor, high_norm_factor) float64."""
     bits = array.view(np.int32)
     channels, tokens = (array.shape[1], array.shape[0]) if token_major else (array.shape[0], array.shape[1])
     k = (ints.shape[0] - 1) // 2
@@ -500,6 +511,11 @@ def _reduce(array, token_major, sun_min_magnitude, sun_median_factor, floats, in
     scalar_bits[2] = largest
     median = floats[4 * channels + tokens + k]
     ints[2 * k] = _sun_count(flat_bits, median, abs(top_values[0]), sun_min_magnitude, sun_median_factor)
+    if flags.shape[0]:
+        high_norm_bar = flag_bounds[3] * np.float64(floats[4 * channels + tokens + k + 1])  # x median token norm
+        flags[0], flags[1], flags[2], flags[3] = _flag_ids(figures[2], figures[0], figures[1], flag_bounds[0],
+                                                           flag_bounds[1], flag_bounds[2], norms, high_norm_bar,
+                                                           flags[4:])
 
 
 @_jit
@@ -760,9 +776,13 @@ def reduce_map(values: torch.Tensor, top_k: int, sun_bar: Tuple[float, float], p
     return None if array is None else reduce_array(array, top_k, sun_bar, parts)
 
 
-def reduce_array(array: np.ndarray, top_k: int, sun_bar: Tuple[float, float], parts: Optional[int] = None
-                 ) -> Optional[FusedReduction]:
-    """:func:`reduce_map` of a map that :func:`readable` gave (a whole batch's is read once, then indexed)."""
+def reduce_array(array: np.ndarray, top_k: int, sun_bar: Tuple[float, float], parts: Optional[int] = None,
+                 flag_bounds: Optional[np.ndarray] = None) -> Optional[FusedReduction]:
+    """:func:`reduce_map` of a map that :func:`readable` gave (a whole batch's is read once, then indexed).
+
+    ``flag_bounds`` (4,) float64, the (dead_atol, flat_atol, massive_factor, high_norm_factor) of
+    :class:`t2t_viz.stats.Thresholds`: also flag the channels and count the high-norm tokens as
+    :func:`flag_ids` does, in the same call (:meth:`FusedReduction.flag_lists`)."""
     rows = _rows(array)
     if rows is None:
         return None
@@ -770,8 +790,13 @@ def reduce_array(array: np.ndarray, top_k: int, sun_bar: Tuple[float, float], pa
     tokens, channels = array.shape if token_major else array.shape[::-1]
     k = min(top_k, array.size)
     floats, ints = np.empty(4 * channels + tokens + k + 3, np.float32), np.empty(2 * k + 1, np.int64)
-    _reduce(array, token_major, float(sun_bar[0]), float(sun_bar[1]), floats, ints, _parts(parts))
-    return FusedReduction(floats, ints, channels, tokens)
+    flags = np.empty(0 if flag_bounds is None else 4 + 3 * channels, np.int64)
+    bounds = _NO_BOUNDS if flag_bounds is None else flag_bounds
+    _reduce(array, token_major, float(sun_bar[0]), float(sun_bar[1]), bounds, floats, ints, flags, _parts(parts))
+    return FusedReduction(floats, ints, channels, tokens, flags)
+
+
+_NO_BOUNDS = np.zeros(4)  # flag bounds when no channel is flagged in the reduction
 
 
 def first_max_positions(values: np.ndarray, maximum: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
@@ -793,6 +818,7 @@ def compile_kernels() -> bool:
         return False
     for values in (torch.ones(3, 5), torch.ones(5, 3).t()):  # channel-major, token-major
         reduce_map(values, 2, (1.0, 1.0))  # compiled for the arguments' types: any bar will do
+        reduce_array(values.numpy(), 2, (1.0, 1.0), flag_bounds=np.ones(4))
         first_max_positions(values.numpy(), torch.ones(3), torch.tensor(0.0))
         count_over(values, 0.5)
     for fmap in (torch.ones(1, 3, 4, 4), torch.ones(1, 4, 4, 3).permute(0, 3, 1, 2)):

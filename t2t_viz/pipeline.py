@@ -217,7 +217,8 @@ def inspect_images(
     (``LayerStats.max_positions``); ``inputs``: the batch already prepared (see :func:`input_transform`),
     ``images`` then unused. The other options are those of :func:`t2t_viz.capture.run`.
     """
-    reduce = StatisticsReduce() if position_floors is None else _LocatingStats(position_floors)
+    reduce = StatisticsReduce(thresholds=thresholds) if position_floors is None \
+        else _LocatingStats(position_floors, thresholds)
     captures = run_batch(loaded, images, procedure, inputs, mlp_hidden=mlp_hidden, dtype=dtype, max_side=max_side,
                          keep_maps=keep_maps, layers=layers, reduce=reduce, progress=progress,
                          stop_early=stop_early, edits=tuple(edits))
@@ -230,11 +231,11 @@ def inspect_images(
 class _LocatingStats:
     """layer_stats for each capture point, locating the channel maxima that reach the point's floor."""
 
-    def __init__(self, floors: Callable[[str], torch.Tensor]):
-        self.floors = floors
+    def __init__(self, floors: Callable[[str], torch.Tensor], thresholds: Thresholds):
+        self.floors, self.thresholds = floors, thresholds
 
     def for_point(self, point: capture.Point) -> StatisticsReduce:
-        return StatisticsReduce(position_floor=self.floors(point.module_name))
+        return StatisticsReduce(position_floor=self.floors(point.module_name), thresholds=self.thresholds)
 
 
 def _input_normalization(loaded: LoadedModel, procedure: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:

@@ -33,7 +33,7 @@ import io
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Dict, Iterable, List, Optional, Sequence, TextIO, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 import torch
@@ -147,6 +147,11 @@ class LayerStats:
         """The map's largest |x| (NaN when it holds a NaN)."""
         return float(self.channels.max_abs.max())
 
+    def flags_under(self, thresholds: Thresholds) -> Optional[Tuple[List[int], List[int], List[int], int]]:
+        """The dead, flat and massive ids and the high-norm token count, where the reduction found them for
+        these thresholds already; else None (then :func:`summarize` finds them)."""
+        return None
+
     def _numbers(self) -> '_Numbers':
         """What :func:`summarize` reads, as NumPy arrays and Python numbers."""
         channels = self.channels
@@ -177,9 +182,12 @@ class _FusedLayerStats(LayerStats):
     runs on caches the forward pass has just evicted."""
 
     def __init__(self, fused: FusedReduction, grid: Tuple[int, int], prefix: Optional[PrefixStats],
-                 positions: Optional[torch.Tensor]):
-        self._fused, self._grid = fused, grid
+                 positions: Optional[torch.Tensor], thresholds: Optional[Thresholds] = None):
+        self._fused, self._grid, self._thresholds = fused, grid, thresholds
         self.prefix, self.max_positions = prefix, positions
+
+    def flags_under(self, thresholds: Thresholds) -> Optional[Tuple[List[int], List[int], List[int], int]]:
+        return self._fused.flag_lists() if thresholds == self._thresholds else None  # found in the kernels' call
 
     @cached_property
     def channels(self) -> ChannelStats:
@@ -367,29 +375,40 @@ def max_positions(values: torch.Tensor, maximum: torch.Tensor, floor: torch.Tens
 
 
 def layer_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None, top_k: int = TOP_K,
-                position_floor: Optional[torch.Tensor] = None) -> LayerStats:
+                position_floor: Optional[torch.Tensor] = None, thresholds: Optional[Thresholds] = None
+                ) -> LayerStats:
     """Reduce one full (C, H, W) map and its (P, C) prefix tokens, if any, on the map's own device.
 
     ``position_floor`` (C,): also locate the maximum of every channel whose maximum reaches it (see
-    :func:`max_positions`). Tensor operations only, so it also runs shape-only on the meta device. The
-    results are small and on the CPU.
+    :func:`max_positions`). ``thresholds``: the ones :func:`summarize` will be asked for, whose flags the
+    fused kernels then find in the same call. Tensor operations only, so it also runs shape-only on the
+    meta device. The results are small and on the CPU.
     """
     array = readable(fmap)  # float32 CPU maps only
-    fused = None if array is None else _fused_stats(array, prefix, top_k, position_floor)
+    fused = None if array is None else _fused_stats(array, prefix, top_k, position_floor, thresholds)
     return _torch_stats(fmap, prefix, top_k, position_floor) if fused is None else fused
 
 
+def _flag_bounds(thresholds: Optional[Thresholds]) -> Optional[np.ndarray]:
+    if thresholds is None:
+        return None
+    return np.array([thresholds.dead_atol, thresholds.flat_atol, thresholds.massive_factor,
+                     thresholds.high_norm_factor], np.float64)
+
+
 def _fused_stats(array: np.ndarray, prefix: Optional[torch.Tensor], top_k: int,
-                 position_floor: Optional[torch.Tensor]) -> Optional[LayerStats]:
-    """layer_stats of a (C, H, W) map by the fused kernels, or None where they cannot take its layout."""
-    fused = reduce_array(array, top_k, _SUN_BAR)
+                 position_floor: Optional[torch.Tensor], thresholds: Optional[Thresholds],
+                 bounds: Optional[np.ndarray] = None) -> Optional[LayerStats]:
+    """layer_stats of a (C, H, W) map by the fused kernels, or None where they cannot take its layout;
+    ``bounds``: :func:`_flag_bounds` of ``thresholds``, when the caller has them."""
+    fused = reduce_array(array, top_k, _SUN_BAR, flag_bounds=_flag_bounds(thresholds) if bounds is None else bounds)
     if fused is None:
         return None
     positions = None if position_floor is None else first_max_positions(array, fused.maximum, position_floor)
     prefix_stats = None
     if prefix is not None and prefix.shape[0]:
         prefix_stats = _prefix_stats(prefix, float(_sun_bar(fused.median_abs)))
-    return _FusedLayerStats(fused, array.shape[1:], prefix_stats, positions)
+    return _FusedLayerStats(fused, array.shape[1:], prefix_stats, positions, thresholds)
 
 
 def _torch_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor], top_k: int,
@@ -426,11 +445,13 @@ class StatisticsReduce:
     once (``batch``): a float32 CPU batch goes to NumPy once, where a tensor made for each image (and read
     again) cost a capture hook microseconds on caches the forward pass has just evicted."""
 
-    def __init__(self, top_k: int = TOP_K, position_floor: Optional[torch.Tensor] = None):
-        self.top_k, self.position_floor = top_k, position_floor
+    def __init__(self, top_k: int = TOP_K, position_floor: Optional[torch.Tensor] = None,
+                 thresholds: Optional[Thresholds] = None):
+        self.top_k, self.position_floor, self.thresholds = top_k, position_floor, thresholds
+        self._bounds = _flag_bounds(thresholds)
 
     def __call__(self, fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None) -> LayerStats:
-        return layer_stats(fmap, prefix, self.top_k, self.position_floor)
+        return layer_stats(fmap, prefix, self.top_k, self.position_floor, self.thresholds)
 
     def batch(self, fmaps: torch.Tensor, prefixes: Optional[torch.Tensor] = None) -> List[LayerStats]:
         """The statistics of each (C, H, W) map of ``fmaps`` (B, C, H, W) and its (P, C) ``prefixes`` (B, P, C)."""
@@ -438,7 +459,8 @@ class StatisticsReduce:
         results = []
         for i in range(fmaps.shape[0]):
             prefix = None if prefixes is None else prefixes[i]
-            fused = None if arrays is None else _fused_stats(arrays[i], prefix, self.top_k, self.position_floor)
+            fused = None if arrays is None else _fused_stats(arrays[i], prefix, self.top_k, self.position_floor,
+                                                             self.thresholds, self._bounds)
             results.append(_torch_stats(fmaps[i], prefix, self.top_k, self.position_floor) if fused is None else fused)
         return results
 
@@ -448,8 +470,7 @@ def _sun_bar(median_abs: torch.Tensor) -> torch.Tensor:
     return torch.clamp(median_abs * SUN_MEDIAN_FACTOR, min=SUN_MIN_MAGNITUDE)
 
 
-@dataclass(frozen=True)
-class TopActivation:
+class TopActivation(NamedTuple):  # a named tuple: made for every layer's top activations, at a third of the cost
     value: float
     channel: int
     row: int
@@ -585,7 +606,8 @@ def summarize(layer: Layer, thresholds: Thresholds = Thresholds()) -> LayerSumma
     reduced = layer.stats if isinstance(layer.stats, LayerStats) else layer_stats(layer.fmap)
     numbers = reduced._numbers()
     high_norm_bar = thresholds.high_norm_factor * numbers.median_token_norm
-    dead_ids, flat_ids, massive_ids, high_norm_tokens = _flag_ids(numbers, thresholds, high_norm_bar)
+    found = reduced.flags_under(thresholds)
+    dead_ids, flat_ids, massive_ids, high_norm_tokens = found or _flag_ids(numbers, thresholds, high_norm_bar)
     width = layer.width
     top = [TopActivation(value, channel, position // width, position % width)
            for value, channel, position in zip(numbers.top_values, numbers.top_channels, numbers.top_positions)]

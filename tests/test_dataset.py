@@ -15,6 +15,7 @@ from t2t_viz import zoo
 from t2t_viz.capture import Layer
 from t2t_viz.cli import main
 from t2t_viz.dataset import Failure, NamedImage, StatsRun, depth_bands, expand_uploads
+from t2t_viz.kernels import FusedReduction
 from t2t_viz.stats import DeadChannelCounter, summarize
 
 
@@ -71,8 +72,9 @@ def test_csv_equals_the_cli_byte_for_byte(tmp_path, chelsea, monkeypatch):
 
 
 def _live_tensor_bytes() -> int:
-    """Bytes of every tensor storage reachable from Python, after collecting garbage (tracemalloc never
-    sees tensor storage: PyTorch allocates it outside Python's allocator)."""
+    """Bytes of every tensor storage reachable from Python, and of the arrays of every fused reduction (the
+    statistics, which become tensors only when read), after collecting garbage (tracemalloc never sees tensor
+    storage: PyTorch allocates it outside Python's allocator)."""
     gc.collect()
     storages = {}
     with warnings.catch_warnings():
@@ -81,6 +83,9 @@ def _live_tensor_bytes() -> int:
             if isinstance(obj, torch.Tensor) and not obj.is_meta:
                 storage = obj.untyped_storage()
                 storages[storage.data_ptr()] = storage.nbytes()
+            elif isinstance(obj, FusedReduction):
+                for array in (obj.floats, obj.ints, obj.flags):
+                    storages[array.ctypes.data] = array.nbytes
     return sum(storages.values())
 
 

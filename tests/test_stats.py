@@ -10,8 +10,8 @@ import torch
 
 from t2t_viz import capture
 from t2t_viz.capture import Layer
-from t2t_viz.stats import (CSV_COLUMNS, PREFIX_COLUMNS, ChannelStats, LayerStats, Thresholds, csv_text,
-                           kth_smallest_abs, layer_stats, summarize)
+from t2t_viz.stats import (CSV_COLUMNS, PREFIX_COLUMNS, ChannelStats, LayerStats, StatisticsReduce, Thresholds,
+                           csv_text, kth_smallest_abs, layer_stats, summarize)
 
 pytestmark = pytest.mark.usefixtures('statistics_backend')  # every test with the fused kernels and with PyTorch
 
@@ -387,3 +387,57 @@ def test_channel_maxima_are_located_where_they_reach_the_floor_at_1024(token_maj
     assert reaching.sum() == 256
     assert torch.equal(located[reaching], planted[reaching]) and (located[~reaching] == -1).all()
     assert layer_stats(fmap).max_positions is None
+
+
+def _numpy_flags(values: np.ndarray, thresholds: Thresholds):
+    """dead, flat and massive channel ids and high-norm tokens of a (C, N) float32 map, in NumPy (float32
+    comparisons, as the Statistics section of the README defines them)."""
+    largest = np.abs(values).max(1)
+    dead = largest <= np.float32(thresholds.dead_atol)
+    spread = values.max(1) - values.min(1)
+    flat = ~dead & (spread <= np.float32(thresholds.flat_atol) * np.maximum(largest, np.float32(1)))
+    live = np.sort(largest[~dead])
+    massive = ~dead & (largest > np.float32(thresholds.massive_factor) * live[(live.size - 1) // 2])
+    norms = np.sqrt((values.astype(np.float64) ** 2).sum(0)).astype(np.float32)
+    median_norm = np.sort(norms)[(norms.size - 1) // 2]
+    high_norm = int((norms > np.float32(thresholds.high_norm_factor * float(median_norm))).sum())
+    return (np.flatnonzero(dead).tolist(), np.flatnonzero(flat).tolist(), np.flatnonzero(massive).tolist(),
+            high_norm)
+
+
+@pytest.mark.parametrize('token_major', [False, True])
+def test_flags_found_in_the_capture_equal_numpy_and_other_thresholds_are_found_after_it(token_major,
+                                                                                      statistics_backend):
+    """A (256, 56, 56) map (a ResNet50 layer1 output at 224) with dead, flat and massive channels and
+    high-norm tokens, reduced as a capture's batch: the flags the kernels found in that call under the
+    capture's thresholds (PyTorch's reductions find none there), and those summarize finds for the capture's
+    and other thresholds, against NumPy."""
+    generator = torch.Generator().manual_seed(11)
+    fmap = torch.rand(256, 56, 56, generator=generator)  # (C, H, W) in [0, 1)
+    fmap[:, 30, 30:34] *= 6.0  # high-norm tokens
+    fmap[[3, 90, 200]] = 0.0  # dead
+    fmap[17] = 0.75  # flat
+    fmap[18] = 1e-6  # at the default dead bar: dead under it, flat under a lower one
+    fmap[40, 5, 5] = 400.0  # massive under a factor of 50 (of a median max |x| near 6), not under 100
+    fmap[41, 9, 9] = 1000.0  # massive under both
+    if token_major:
+        fmap = fmap.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # (C, H, W) view of (H, W, C) memory
+    capture_thresholds = Thresholds(massive_factor=50.0, high_norm_factor=3.0)
+    stats = StatisticsReduce(thresholds=capture_thresholds).batch(fmap[None])[0]
+    layer = Layer('layer1.0.act3', 'relu', 3, None, 'conv4', shape=(256, 56, 56), stats=stats)
+    values = fmap.reshape(256, -1).numpy()
+
+    found = stats.flags_under(capture_thresholds)  # by the capture's call, not by summarize
+    expected = _numpy_flags(values, capture_thresholds)
+    assert found == (expected if statistics_backend == 'fused' else None)
+    assert expected[0] == [3, 18, 90, 200] and expected[1] == [17]
+    assert expected[2] == [40, 41] and expected[3] == 6  # the 4 planted tokens and the 2 massive activations
+    summary = summarize(layer, capture_thresholds)
+    assert (summary.dead_ids, summary.flat_ids, summary.massive_ids, summary.high_norm_tokens) == expected
+
+    other = Thresholds(dead_atol=1e-7, massive_factor=100.0, high_norm_factor=7.0)
+    assert stats.flags_under(other) is None  # found after the capture, from its figures
+    summary = summarize(layer, other)
+    expected = _numpy_flags(values, other)
+    assert (summary.dead_ids, summary.flat_ids, summary.massive_ids, summary.high_norm_tokens) == expected
+    assert 18 in expected[1] and expected[2] == [41]
