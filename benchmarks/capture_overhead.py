@@ -14,6 +14,9 @@ slower or faster affects all alike), medians of the rounds:
   128 pixels a side, every statistic from the full maps, the layer summaries);
 * ``cli``: as ``t2t-viz stats`` calls it (statistics only, no maps kept) and its CSV rows.
 
+Under each row, the middle half of the rounds' own ratios (each call over the forward of its round) shows
+how much the medians can move from run to run.
+
 Goals: ``capture`` <= 1.15x, ``app`` and ``cli`` <= 1.25x the forward at 224 and at 1024. TorchLens'
 ``log_forward_pass`` (every operation kept) is a reference row when it is installed (it is not a dependency).
 ``THP_MEM_ALLOC_ENABLE=1`` in the environment gives PyTorch 2 MB pages, as the app asks for (README, Memory);
@@ -52,6 +55,16 @@ def _torchlens_call(model, x):
     except ImportError:
         return None
     return lambda: torchlens.log_forward_pass(model, x, layers_to_save='all', vis_opt='none')
+
+
+def _middle_half(samples, forward_samples) -> str:
+    """The interquartile range of a call's time over the forward's in the same round: how far one run's
+    ratio (a median of the rounds) can be trusted on a machine whose speed drifts."""
+    ratios = sorted(call / forward for call, forward in zip(samples, forward_samples))
+    if len(ratios) < 2:
+        return f'{ratios[0]:.2f}x'
+    low, _, high = statistics.quantiles(ratios, n=4)
+    return f'{low:.2f}-{high:.2f}x'
 
 
 def main() -> None:
@@ -93,13 +106,17 @@ def main() -> None:
             torchlens = _torchlens_call(model, preprocess_batch([photo], config))
             if torchlens:
                 calls.append(torchlens)
-            times = [statistics.median(t) for t in round_times(calls, args.repeats)]
+            rounds = round_times(calls, args.repeats)
+            times = [statistics.median(t) for t in rounds]
             ratios = [f'{t / times[0]:.2f}x' for t in times[1:]]
             if not torchlens:
                 ratios.append('-')
             layers = len(capture.run(model, preprocess_batch([photo], config), keep_maps=False)[0].layers)
             print(f'{name:<44}{size:>6}{loaded.weights.label:>9}{times[0] * 1e3:>12.1f}{ratios[0]:>9}{ratios[1]:>8}'
                   f'{ratios[2]:>8}{ratios[3]:>11}{layers:>8}', flush=True)
+            print('    middle half of the per-round ratios: ' + ', '.join(
+                f'{label} {_middle_half(samples, rounds[0])}' for label, samples in zip(('capture', 'app', 'cli'),
+                                                                                        rounds[1:])), flush=True)
 
     if args.stats_images:
         with tempfile.TemporaryDirectory() as folder:
