@@ -402,3 +402,29 @@ def test_display_copies_reuse_their_memory_without_faulting_it_in_again():
     assert result.returncode == 0, result.stderr[-2000:]
     reused, released = map(int, result.stdout.split())
     assert reused < 8 <= released, (reused, released)
+
+
+@pytest.mark.parametrize('name', ['resnet18', 't2t_vit_7'])  # channel-major maps; token-major, with a class token
+def test_each_image_of_a_batch_gets_the_statistics_of_its_own_pass(chelsea, name):
+    """Two photos in one pass, the statistics of the batch reduced at once (StatisticsReduce.batch): every
+    layer's figures of each photo equal those of a pass of that photo alone (to the last few bits, which a
+    batch of two changes in the forward's own arithmetic), and the two photos' figures differ."""
+    from skimage import data
+    torch.manual_seed(0)
+    loaded = _loaded(name, timm.create_model(name).eval())
+    thresholds = Thresholds(massive_factor=20.0)
+    both = inspect_images(loaded, [chelsea, Image.fromarray(data.coffee())], thresholds)
+    for photo, result in zip((chelsea, Image.fromarray(data.coffee())), both):
+        alone = inspect_images(loaded, [photo], thresholds)[0]
+        for mine, theirs in zip(result.summaries, alone.summaries):
+            assert (mine.dead_ids, mine.flat_ids, mine.massive_ids) == \
+                (theirs.dead_ids, theirs.flat_ids, theirs.massive_ids), mine.name
+            assert mine.median_abs == pytest.approx(theirs.median_abs, rel=1e-4), mine.name
+            assert mine.max_token_norm == pytest.approx(theirs.max_token_norm, rel=1e-4), mine.name
+            assert [t.channel for t in mine.top] == [t.channel for t in theirs.top], mine.name
+            torch.testing.assert_close(mine.token_norms, theirs.token_norms, rtol=1e-4, atol=0)
+            torch.testing.assert_close(mine.stats.mean, theirs.stats.mean, rtol=1e-4, atol=1e-6)
+            assert [token.norm for token in mine.prefix] == \
+                pytest.approx([token.norm for token in theirs.prefix], rel=1e-4), mine.name  # the class token
+    for first, second in zip(*(result.summaries for result in both)):
+        assert not torch.allclose(first.token_norms, second.token_norms, rtol=1e-3), first.name
