@@ -4,7 +4,8 @@
 
 The CLI's rate leaves out process start, model loading and the one-time tracing of memory estimates:
 it is (N - n) images over the difference between the fastest runs on N images and on the first n, with n the
-8 images that fill the top-8 lists (1 when N is not larger). It is measured without and with
+8 images that fill the top-8 lists (1 when N is not larger); where a longer run was not slower (too few
+images to outweigh how much a run's start varies), it says so instead of a rate. It is measured without and with
 ``--top-examples`` (goal: at most 5% slower per image). What ``--top-examples`` costs a run once is printed
 apart: its first n images, in which every channel's maximum is located, and its output, a row per channel
 and kept image (with the lists full, the same for both runs). The app's
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Dict, Optional
 
 import numpy as np
 from PIL import Image
@@ -56,6 +58,16 @@ def _cli_seconds(paths, models, folder: Path, top_examples: bool = False) -> flo
     return time.perf_counter() - start
 
 
+def cli_rates(shorter: Dict[bool, float], longer: Dict[bool, float], extra: int) -> Optional[Dict[bool, float]]:
+    """Images/s without (False) and with (True) top examples: the ``extra`` images of the longer runs over the
+    seconds they added to the shorter ones; None when a longer run was not slower (too few images for the
+    noise of a run's start)."""
+    spans = {kind: longer[kind] - shorter[kind] for kind in (False, True)}
+    if min(spans.values()) <= 0:
+        return None
+    return {kind: extra / span for kind, span in spans.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--images', type=int, default=16)
@@ -75,12 +87,16 @@ def main() -> None:
                 shorter[top_examples] = min(shorter.get(top_examples, short), short)
             many = _cli_seconds(paths, args.models, folder, top_examples)
             longer[top_examples] = min(longer.get(top_examples, many), many)
-        rates = {kind: (len(paths) - first) / (longer[kind] - shorter[kind]) for kind in (False, True)}
-        cli_rate = rates[False]
         print(f'{len(paths)} images x {", ".join(args.models)} at {IMG_SIZE}')
-        print(f'CLI stats: {cli_rate:.3f} images/s (model loading left out); with --top-examples '
-              f'{rates[True]:.3f} images/s = {cli_rate / rates[True] - 1:+.1%} time per image (goal <= +5%), '
-              f'once per run {shorter[True] - shorter[False]:+.1f} s (its first {first} image(s) and its output)')
+        once = f'once per run {shorter[True] - shorter[False]:+.1f} s (its first {first} image(s) and its output)'
+        rates = cli_rates(shorter, longer, len(paths) - first)
+        if rates is None:
+            print(f'CLI stats: not resolved: the {len(paths) - first} image(s) after the first {first} took no '
+                  f'longer than the runs vary (use more --images); {once}')
+        else:
+            print(f'CLI stats: {rates[False]:.3f} images/s (model loading left out); with --top-examples '
+                  f'{rates[True]:.3f} images/s = {rates[False] / rates[True] - 1:+.1%} time per image '
+                  f'(goal <= +5%), {once}')
         if args.no_app:
             return
         env = {'T2T_VIZ_MODELS': ','.join(args.models), 'T2T_VIZ_OFFLINE': '1'}
@@ -95,8 +111,9 @@ def main() -> None:
             page.get_by_role('button', name='Run').click()
             page.get_by_text(f'{len(paths)} images through {len(args.models)} model(s)').wait_for(timeout=3_600_000)
             app_rate = len(paths) / (time.perf_counter() - start)
-    print(f'app dataset mode (top examples kept): {app_rate:.2f} images/s = {rates[True] / app_rate:.2f}x the time '
-          'per image of the CLI with --top-examples (goal <= 1.2x)')
+    against = '' if rates is None else \
+        f' = {rates[True] / app_rate:.2f}x the time per image of the CLI with --top-examples (goal <= 1.2x)'
+    print(f'app dataset mode (top examples kept): {app_rate:.2f} images/s{against}')
 
 
 if __name__ == '__main__':

@@ -141,10 +141,23 @@ def test_scale_out_reports_each_ways_own_peak_memory_and_stops_on_a_failed_run(m
 
 @needs_chromium
 def test_dataset_throughput():
-    out = _run_benchmark('dataset_throughput', '--images', '12', '--models', 'resnet18')  # more than start-up noise
-    assert re.search(r'with --top-examples [\d.]+ images/s = [+-][\d.]+% time per image \(goal <= \+5%\), '
-                     r'once per run [+-][\d.]+ s \(its first 8 image\(s\) and its output\)', out), out
-    assert re.search(r'app dataset mode \(top examples kept\): [\d.]+ images/s = [\d.]+x the time per image', out), out
+    out = _run_benchmark('dataset_throughput', '--images', '12', '--models', 'resnet18')
+    # 4 images after the first 8 are about 0.2 s of resnet18, which a run's start can outweigh (once -37 images/s)
+    resolved = re.search(r'with --top-examples [\d.]+ images/s = [+-][\d.]+% time per image \(goal <= \+5%\), '
+                         r'once per run [+-][\d.]+ s \(its first 8 image\(s\) and its output\)', out)
+    unresolved = re.search(r'CLI stats: not resolved: the 4 image\(s\) after the first 8 took no longer than the '
+                           r'runs vary \(use more --images\); once per run [+-][\d.]+ s', out)
+    assert resolved or unresolved, out
+    against = r' = [\d.]+x the time per image' if resolved else '\n'
+    assert re.search(r'app dataset mode \(top examples kept\): [\d.]+ images/s' + against, out), out
+
+
+def test_dataset_throughput_rates_are_the_extra_images_over_the_seconds_they_added():
+    from benchmarks.dataset_throughput import cli_rates
+    rates = cli_rates({False: 10.0, True: 11.0}, {False: 14.0, True: 15.25}, 16)
+    assert rates == {False: 4.0, True: 16 / 4.25}
+    assert cli_rates({False: 10.0, True: 11.0}, {False: 14.0, True: 10.9}, 16) is None  # a longer run was faster
+    assert cli_rates({False: 10.0, True: 11.0}, {False: 10.0, True: 12.0}, 16) is None  # or no slower
 
 
 def test_app_latency():
