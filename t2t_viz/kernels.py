@@ -85,8 +85,7 @@ class FusedReduction:
         if not self.flags.shape[0]:
             return None
         dead, flat, massive, high_norm = self.flags[:4].tolist()
-        listed = self.flags[4:4 + dead + flat + massive].tolist()
-        return listed[:dead], listed[dead:dead + flat], listed[dead + flat:], high_norm
+        return _id_lists(self.flags[4:], dead, flat, massive, high_norm)
 
     def array(self, name: str) -> np.ndarray:
         """The figure ``name`` (one of the attributes) as a NumPy view of the kernel's output."""
@@ -836,8 +835,14 @@ def flag_ids(max_abs: np.ndarray, minimum: np.ndarray, maximum: np.ndarray, thre
     dead, flat, massive, high_norm = _flag_ids(max_abs, minimum, maximum, float(thresholds.dead_atol),
                                                float(thresholds.flat_atol), float(thresholds.massive_factor),
                                                token_norms, float(high_norm_bar), ids)
+    return _id_lists(ids, dead, flat, massive, int(high_norm))
+
+
+def _id_lists(ids: np.ndarray, dead: int, flat: int, massive: int, high_norm: int
+              ) -> Tuple[List[int], List[int], List[int], int]:
+    """The dead, flat and massive ids that :func:`_flag_ids` wrote one after another into ``ids``, as lists."""
     listed = ids[:dead + flat + massive].tolist()  # one list, then cut: cheaper than three arrays
-    return listed[:dead], listed[dead:dead + flat], listed[dead + flat:], int(high_norm)
+    return listed[:dead], listed[dead:dead + flat], listed[dead + flat:], high_norm
 
 
 def count_over(values: torch.Tensor, threshold: float) -> int:

@@ -385,7 +385,8 @@ def layer_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None, top_k
     meta device. The results are small and on the CPU.
     """
     array = readable(fmap)  # float32 CPU maps only
-    fused = None if array is None else _fused_stats(array, prefix, top_k, position_floor, thresholds)
+    fused = None if array is None else _fused_stats(array, prefix, top_k, position_floor, thresholds,
+                                                    _flag_bounds(thresholds))
     return _torch_stats(fmap, prefix, top_k, position_floor) if fused is None else fused
 
 
@@ -398,10 +399,10 @@ def _flag_bounds(thresholds: Optional[Thresholds]) -> Optional[np.ndarray]:
 
 def _fused_stats(array: np.ndarray, prefix: Optional[torch.Tensor], top_k: int,
                  position_floor: Optional[torch.Tensor], thresholds: Optional[Thresholds],
-                 bounds: Optional[np.ndarray] = None) -> Optional[LayerStats]:
+                 bounds: Optional[np.ndarray]) -> Optional[LayerStats]:
     """layer_stats of a (C, H, W) map by the fused kernels, or None where they cannot take its layout;
-    ``bounds``: :func:`_flag_bounds` of ``thresholds``, when the caller has them."""
-    fused = reduce_array(array, top_k, _SUN_BAR, flag_bounds=_flag_bounds(thresholds) if bounds is None else bounds)
+    ``bounds``: :func:`_flag_bounds` of ``thresholds`` (a batch's callers make it once)."""
+    fused = reduce_array(array, top_k, _SUN_BAR, flag_bounds=bounds)
     if fused is None:
         return None
     positions = None if position_floor is None else first_max_positions(array, fused.maximum, position_floor)
