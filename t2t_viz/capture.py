@@ -19,8 +19,9 @@ import re
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -153,13 +154,23 @@ def hooks_installed(owner: object, hooks: Sequence[Tuple[nn.Module, Callable]], 
                 handle.remove()
 
 
+class _Room(NamedTuple):
+    """Where one kept copy goes: values [first, first + size) of the pass's buffer, or ``tensor``, a buffer of
+    its own."""
+    first: int
+    shape: Tuple[int, ...]
+    tensor: Optional[torch.Tensor]
+
+
 class Recorder:
     """Turns outputs at known points into per-image layer records: reduced in place, kept as asked.
 
     ``reduce(fmap, prefix)`` gets each image's full (C, H, W) map and its (P, C) prefix tokens (None for
     points without them), or a batch's (B, C, H, W) maps and (B, P, C) prefix tokens at once when it has a
     ``batch(fmaps, prefixes)`` method (returning a list); a ``reduce`` with a ``for_point(point)`` method gives
-    the function for each point.
+    the function for each point. A reduce whose ``writes_float16`` is true is also given the room for a
+    float32 host map's whole float16 copy, as a (B, C, H, W) int16 array, third argument of ``batch``: an
+    image whose result has a true ``copied_float16`` was copied there as the reduce read it.
     A point known to repeat the previous point's output (a timm ResNet stage's output is its last ReLU's
     output, untouched in between) reuses that reduction and that kept map when it is the very same tensor.
 
@@ -176,20 +187,26 @@ class Recorder:
         self.points = {p.module_name: p for p in points}
         self.dtype, self.max_side, self.keep_maps, self.reduce = dtype, max_side, keep_maps, reduce
         for_point = getattr(reduce, 'for_point', None)
-        self._reducers = {p.module_name: _batch_reduce(for_point(p) if for_point else reduce)
-                          for p in points} if reduce else {}  # found once, not in each hook
+        reducers = {p.module_name: for_point(p) if for_point else reduce for p in points} if reduce else {}
+        self._reducers = {name: _batch_reduce(each) for name, each in reducers.items()}  # found once, not in hooks
+        self._float16_writers = {name for name, each in reducers.items()
+                                 if dtype is torch.float16 and keep_maps and getattr(each, 'writes_float16', False)}
         self.progress, self.stop_after = progress, stop_after
         self.outputs: List[Tuple[Point, Tuple[int, int, int], Optional[torch.Tensor], List[Any]]] = []
         self._last: Optional[Tuple[weakref.ref, List[Any], Optional[torch.Tensor]]] = None  # output, reduced, kept
         self.copied = 0  # values copied so far in this pass
         self._copy_elements = copy_elements
         self._copies: Optional[torch.Tensor] = None  # (copy_elements,) the pass's one buffer, made at the first copy
+        self._copies_bits: Optional[np.ndarray] = None  # its int16 view, for a float16 buffer
 
-    def _reduced(self, point: Point, output: torch.Tensor, fmap: torch.Tensor) -> List[Any]:
+    def _reduced(self, point: Point, output: torch.Tensor, fmap: torch.Tensor, room: Optional[_Room]) -> List[Any]:
         reduce = self._reducers.get(point.module_name)
         if reduce is None:
             return [None] * fmap.shape[0]
-        return reduce(fmap, output[:, :point.prefix] if point.prefix else None)  # prefix (B, P, C)
+        prefix = output[:, :point.prefix] if point.prefix else None  # (B, P, C)
+        if room is None:
+            return reduce(fmap, prefix)
+        return reduce(fmap, prefix, self._room_bits(room))
 
     def record(self, point: Point, output: torch.Tensor) -> None:
         fmap = point.to_map(output)  # (B, C, H, W)
@@ -197,12 +214,15 @@ class Recorder:
         if point.repeats_previous and last is not None and last[0]() is output:
             reduced, kept = last[1], last[2]  # the previous point's very output, unchanged since: same records
         else:
-            reduced = self._reduced(point, output, fmap)
+            room = self._float16_room(point, fmap)
+            reduced = self._reduced(point, output, fmap, room)
             kept = None
-            if self.keep_maps:
+            if room is not None and all(getattr(image, 'copied_float16', False) for image in reduced):
+                kept = room  # the reduce wrote the copy as it read the map
+            elif self.keep_maps:
                 shares_output = fmap is output \
                     or fmap.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
-                kept = self._keep(fmap, shares_output and point.written_later, reduced)
+                kept = self._keep(fmap, shares_output and point.written_later, reduced, room)
         self._last = (weakref.ref(output), reduced, kept)
         self.outputs.append((point, tuple(fmap.shape[1:]), kept, reduced))
         if self.progress:
@@ -210,9 +230,22 @@ class Recorder:
         if point.module_name == self.stop_after:
             raise StopForward
 
-    def _keep(self, fmap: torch.Tensor, must_copy: bool, reduced: List[Any]) -> torch.Tensor:
-        """The copy of ``fmap`` (B, C, H, W) to keep: pooled to ``max_side``, in ``dtype``, on the host; the map
-        itself where it needs neither (then ``must_copy`` says whether later in-place ops could change it)."""
+    def _float16_room(self, point: Point, fmap: torch.Tensor) -> Optional[_Room]:
+        """Room for the float16 copy of ``fmap`` (B, C, H, W) that the point's reduce can write as it reads the
+        map (a float32 host map kept whole), else None."""
+        if point.module_name not in self._float16_writers or fmap.dtype is not torch.float32 or not fmap.is_cpu \
+                or fmap.requires_grad:
+            return None
+        shape = fmap.shape
+        if self.max_side and max(shape[2], shape[3]) > self.max_side:
+            return None  # pooled for display
+        return self._room(tuple(shape))
+
+    def _keep(self, fmap: torch.Tensor, must_copy: bool, reduced: List[Any], room: Optional[_Room] = None
+              ) -> torch.Tensor:
+        """The copy of ``fmap`` (B, C, H, W) to keep: pooled to ``max_side``, in ``dtype``, on the host (in
+        ``room`` when given); the map itself where it needs neither (then ``must_copy`` says whether later
+        in-place ops could change it)."""
         if fmap.requires_grad:
             fmap = fmap.detach()
         batch, channels, height, width = fmap.shape
@@ -224,7 +257,7 @@ class Recorder:
         if fmap.is_meta:  # shape-only (memory estimation): the copy's bytes
             return torch.empty(shape, dtype=self.dtype, device='meta')
         # copies go to reused host buffers: fresh memory for every pass cost page faults and split the heap
-        kept = self._copy(shape)
+        kept = self._room_tensor(room or self._room(shape))
         if pooled and kernels.average_pool(fmap, size, out=kept) is not None:
             return kept  # pooled in place; float16 averages are clamped to its range by the kernel
         source = F.adaptive_avg_pool2d(fmap.float(), size) if pooled else fmap
@@ -233,23 +266,39 @@ class Recorder:
             kept.clamp_(-FLOAT16_MAX, FLOAT16_MAX)  # values beyond float16's range became inf
         return kept
 
-    def _copy(self, shape: Tuple[int, ...]) -> torch.Tensor:
-        """An uninitialised contiguous host tensor of ``shape`` and the kept dtype for one copy."""
-        count = math.prod(shape)
-        first, self.copied = self.copied, self.copied + count
+    def _room(self, shape: Tuple[int, ...]) -> _Room:
+        """Room for one copy of ``shape`` in the kept dtype, uninitialised: in the pass's buffer where it fits."""
+        first, self.copied = self.copied, self.copied + math.prod(shape)
         if self._copies is None and self._copy_elements:
             self._copies = display_buffers.empty((self._copy_elements,), self.dtype)
+            if self.dtype is torch.float16:
+                self._copies_bits = self._copies.view(torch.int16).numpy()
         if self._copies is not None and self.copied <= self._copies.shape[0]:
-            return self._copies[first:self.copied].view(shape)
-        return display_buffers.empty(shape, self.dtype)
+            return _Room(first, shape, None)  # its tensor is made when needed: after the pass, for a written copy
+        return _Room(first, shape, display_buffers.empty(shape, self.dtype))
+
+    def _room_tensor(self, room: _Room) -> torch.Tensor:
+        """The contiguous host tensor of ``room``."""
+        if room.tensor is not None:
+            return room.tensor
+        return self._copies[room.first:room.first + math.prod(room.shape)].view(room.shape)
+
+    def _room_bits(self, room: _Room) -> np.ndarray:
+        """The int16 NumPy view of a float16 ``room``, made without a PyTorch call where it lies in the pass's
+        buffer (in a hook, each cost microseconds on caches the forward pass has just evicted)."""
+        if room.tensor is not None:
+            return room.tensor.view(torch.int16).numpy()
+        return self._copies_bits[room.first:room.first + math.prod(room.shape)].reshape(room.shape)
 
     def captures(self, logits: Optional[torch.Tensor], x: torch.Tensor, procedure: str = REAL_FORWARD) -> List[Capture]:
         """One Capture per image of the batch ``x`` (B, 3, H, W), layers in the order they were recorded."""
+        outputs = [(point, shape, self._room_tensor(kept) if isinstance(kept, _Room) else kept, reduced)
+                   for point, shape, kept, reduced in self.outputs]
         captures = []
         for i in range(x.shape[0]):
             layers = [Layer(point.module_name, point.kind, depth, None if kept is None else kept[i], point.label,
                             shape, reduced[i])
-                      for depth, (point, shape, kept, reduced) in enumerate(self.outputs)]
+                      for depth, (point, shape, kept, reduced) in enumerate(outputs)]
             image_logits = None if logits is None else logits[i].float().to(_host(logits))
             image = x[i].to(_host(x), torch.float16) if self.keep_maps else None
             captures.append(Capture(layers, image_logits, image, procedure))

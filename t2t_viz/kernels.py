@@ -45,7 +45,8 @@ _DIRECT_SELECTION = 8192  # up to this many values, a median is selected among c
 _POSITIVE_INFINITY_KEY = 0x7F800000
 _NEGATIVE_INFINITY_KEY = -0x7F800001  # the order key of -inf
 _POSITIVE_INFINITY_BITS = 0x7F800000
-_FLOAT16_MAX_BITS = np.float32(np.finfo(np.float16).max).view(np.int32)  # 65504's float32 bits
+_FLOAT16_LARGEST = np.float32(np.finfo(np.float16).max)  # 65504
+_FLOAT16_MAX_BITS = _FLOAT16_LARGEST.view(np.int32)  # its float32 bits
 _FLOAT16_MIN_NORMAL_BITS = np.float32(np.finfo(np.float16).smallest_normal).view(np.int32)  # 2**-14's
 _REBIAS = np.int32(112 << 23)  # float32's exponent bias (127) less float16's (15), in place
 _FLOAT16_NAN = np.int32(0x7E00)
@@ -74,9 +75,11 @@ class FusedReduction:
     median_token_norm, max_token_norm () float32 (medians exact and lower); sun_massive () int64, values with
     |x| > max(100, 1000 x median |x|)."""
 
-    def __init__(self, floats: np.ndarray, ints: np.ndarray, channels: int, tokens: int, flags: np.ndarray):
+    def __init__(self, floats: np.ndarray, ints: np.ndarray, channels: int, tokens: int, flags: np.ndarray,
+                 copied_float16: bool = False):
         self.floats, self.ints = floats, ints  # (4 C + N + k + 3,) float32, (2 k + 1,) int64
         self.flags = flags  # (4 + 3 C,) int64 counts and ids of the channel flags, or (0,) when not flagged
+        self.copied_float16 = copied_float16  # whether the call also wrote the map's float16 copy
         self.channels, self.tokens, self.k = channels, tokens, (ints.shape[0] - 1) // 2
         self._views: Optional[Dict[str, np.ndarray]] = None
 
@@ -165,11 +168,29 @@ if numba is not None:
     _spread = numba.njit(nogil=True, cache=True, fastmath={'reassoc', 'nsz'},
                          parallel=_PRANGE_ONLY if _PARALLEL else False)  # prange over runs of the map
     _prange = numba.prange
+    import llvmlite.binding
+    from llvmlite import ir as llvm_ir
+    from numba.extending import intrinsic
+
+    # the display copy is written in the statistics' first read where the CPU converts to float16 itself (x86's
+    # F16C), which LLVM vectorizes; elsewhere PyTorch copies it
+    _HARDWARE_FLOAT16 = bool(llvmlite.binding.get_host_cpu_features().get('f16c', False))
+
+    @intrinsic
+    def _float16_bits(typing_context, value):
+        """The float16 bit pattern (int16) of a float32, rounded to nearest even as PyTorch converts."""
+        if value != numba.types.float32:
+            return None
+
+        def generate(context, builder, signature, arguments):
+            return builder.bitcast(builder.fptrunc(arguments[0], llvm_ir.HalfType()), llvm_ir.IntType(16))
+        return numba.types.int16(numba.types.float32), generate
 else:  # never called: fused_available() is False
     def _jit(function):
         return function
     _summing = _spread = _jit
     _prange = range
+    _HARDWARE_FLOAT16 = False
 
 
 _caller = threading.local()  # per calling thread: numba's thread count set here, and PyTorch's it followed
@@ -197,9 +218,10 @@ def _run(size, parts, part):
 
 
 @_spread
-def _channel_major(values, bits, key_max, key_min, sums, squares, parts):
-    """A (C, N) map: per-channel order keys and sums, per-token sums of squares; returns how many values are
-    zero (either sign). Each of ``parts`` runs of whole channels is one thread's."""
+def _channel_major(values, bits, key_max, key_min, sums, squares, half, parts):
+    """A (C, N) map: per-channel order keys and sums, per-token sums of squares, and, unless ``half`` (C, N)
+    int16 has no rows, the map's float16 bit patterns in it (clamped to float16's range; NaN kept); returns
+    how many values are zero (either sign). Each of ``parts`` runs of whole channels is one thread's."""
     channels, tokens = values.shape
     later_squares = np.empty((parts - 1, tokens))  # each later run's own token sums, added in run order
     run_zeros = np.zeros(parts, np.int64)
@@ -207,7 +229,7 @@ def _channel_major(values, bits, key_max, key_min, sums, squares, parts):
         first, end = _run(channels, parts, part)
         run_zeros[part] = _channel_run(values[first:end], bits[first:end], key_max[first:end],
                                        key_min[first:end], sums[first:end],
-                                       squares if part == 0 else later_squares[part - 1])
+                                       squares if part == 0 else later_squares[part - 1], half[first:end])
     for later in range(parts - 1):
         for n in range(tokens):
             squares[n] += later_squares[later, n]
@@ -215,10 +237,11 @@ def _channel_major(values, bits, key_max, key_min, sums, squares, parts):
 
 
 @_summing
-def _channel_run(values, bits, key_max, key_min, sums, squares):
+def _channel_run(values, bits, key_max, key_min, sums, squares, half):
     """``_channel_major`` of one run of channels: squares (N,) gets the run's own token sums of squares."""
     zeros = 0
     squares[:] = 0.0
+    copy = half.shape[0] > 0
     for c in range(values.shape[0]):
         row, row_bits = values[c], bits[c]
         high, low, total, row_zeros = _MIN_KEY, _MAX_KEY, 0.0, 0
@@ -232,9 +255,20 @@ def _channel_run(values, bits, key_max, key_min, sums, squares):
             squares[n] += value * value
             if b & _MAGNITUDE == 0:
                 row_zeros += 1
+        if copy:
+            _store_float16(row, half[c])
         key_max[c], key_min[c], sums[c] = high, low, total
         zeros += row_zeros
     return zeros
+
+
+@_jit
+def _store_float16(values, out):
+    """out (n,) int16: the float16 bit patterns of float32 ``values`` (n,), clamped to float16's range, NaN kept."""
+    for i in range(values.shape[0]):
+        value = values[i]
+        value = _FLOAT16_LARGEST if value > _FLOAT16_LARGEST else value
+        out[i] = _float16_bits(-_FLOAT16_LARGEST if value < -_FLOAT16_LARGEST else value)
 
 
 @_spread
@@ -473,7 +507,8 @@ def _sun_count(flat_bits, median, largest, min_magnitude, median_factor):
 
 
 @_jit
-def _reduce(array, token_major, sun_min_magnitude, sun_median_factor, flag_bounds, floats, ints, flags, parts):
+def _reduce(array, token_major, sun_min_magnitude, sun_median_factor, flag_bounds, floats, ints, flags, half,
+            parts):
     """Every figure of a map in one call (each call from Python costs microseconds), the passes over the whole
     map spread over ``parts`` threads.
 
@@ -481,7 +516,8 @@ def _reduce(array, token_major, sun_min_magnitude, sun_median_factor, flag_bound
     k largest |x| (signed), then median |x|, median token norm, max token norm; ints (2 k + 1,) int64: the
     top activations' channels, their positions, then the count of Sun et al.'s massive activations; flags
     (4 + 3 C,) int64, unless empty: :func:`_flag_ids`'s four counts, then its ids, under ``flag_bounds``
-    (dead_atol, flat_atol, massive_factor, high_norm_factor) float64."""
+    (dead_atol, flat_atol, massive_factor, high_norm_factor) float64; half (C, N) int16, unless it has no rows
+    (always, for a token-major map): the map's float16 bit patterns, clamped to float16's range."""
     bits = array.view(np.int32)
     channels, tokens = (array.shape[1], array.shape[0]) if token_major else (array.shape[0], array.shape[1])
     k = (ints.shape[0] - 1) // 2
@@ -494,7 +530,7 @@ def _reduce(array, token_major, sun_min_magnitude, sun_median_factor, flag_bound
     if token_major:
         zeros = _token_major(array, bits, key_max, key_min, sums, squares, parts)
     else:
-        zeros = _channel_major(array, bits, key_max, key_min, sums, squares, parts)
+        zeros = _channel_major(array, bits, key_max, key_min, sums, squares, half, parts)
     figure_bits = figures.view(np.int32)
     _combine(key_max, key_min, sums, squares, tokens, figure_bits[0], figure_bits[1], figure_bits[2], figures[3],
              norms)
@@ -776,12 +812,16 @@ def reduce_map(values: torch.Tensor, top_k: int, sun_bar: Tuple[float, float], p
 
 
 def reduce_array(array: np.ndarray, top_k: int, sun_bar: Tuple[float, float], parts: Optional[int] = None,
-                 flag_bounds: Optional[np.ndarray] = None) -> Optional[FusedReduction]:
+                 flag_bounds: Optional[np.ndarray] = None, float16_copy: Optional[np.ndarray] = None
+                 ) -> Optional[FusedReduction]:
     """:func:`reduce_map` of a map that :func:`readable` gave (a whole batch's is read once, then indexed).
 
     ``flag_bounds`` (4,) float64, the (dead_atol, flat_atol, massive_factor, high_norm_factor) of
     :class:`t2t_viz.stats.Thresholds`: also flag the channels and count the high-norm tokens as
-    :func:`flag_ids` does, in the same call (:meth:`FusedReduction.flag_lists`)."""
+    :func:`flag_ids` does, in the same call (:meth:`FusedReduction.flag_lists`). ``float16_copy``: a
+    C-contiguous int16 array of the map's shape, which gets the map's float16 bit patterns (clamped to
+    float16's range, NaN kept) in the same read where the kernels can write them (a channel-major map, on a
+    CPU that converts to float16 itself): :attr:`FusedReduction.copied_float16` says whether they did."""
     rows = _rows(array)
     if rows is None:
         return None
@@ -791,11 +831,15 @@ def reduce_array(array: np.ndarray, top_k: int, sun_bar: Tuple[float, float], pa
     floats, ints = np.empty(4 * channels + tokens + k + 3, np.float32), np.empty(2 * k + 1, np.int64)
     flags = np.empty(0 if flag_bounds is None else 4 + 3 * channels, np.int64)
     bounds = _NO_BOUNDS if flag_bounds is None else flag_bounds
-    _reduce(array, token_major, float(sun_bar[0]), float(sun_bar[1]), bounds, floats, ints, flags, _parts(parts))
-    return FusedReduction(floats, ints, channels, tokens, flags)
+    copy = float16_copy is not None and _HARDWARE_FLOAT16 and not token_major
+    half = float16_copy.reshape(array.shape) if copy else _NO_COPY
+    _reduce(array, token_major, float(sun_bar[0]), float(sun_bar[1]), bounds, floats, ints, flags, half,
+            _parts(parts))
+    return FusedReduction(floats, ints, channels, tokens, flags, copy)
 
 
 _NO_BOUNDS = np.zeros(4)  # flag bounds when no channel is flagged in the reduction
+_NO_COPY = np.empty((0, 0), np.int16)  # no float16 copy to write
 
 
 def first_max_positions(values: np.ndarray, maximum: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
@@ -817,7 +861,8 @@ def compile_kernels() -> bool:
         return False
     for values in (torch.ones(3, 5), torch.ones(5, 3).t()):  # channel-major, token-major
         reduce_map(values, 2, (1.0, 1.0))  # compiled for the arguments' types: any bar will do
-        reduce_array(values.numpy(), 2, (1.0, 1.0), flag_bounds=np.ones(4))
+        reduce_array(values.numpy(), 2, (1.0, 1.0), flag_bounds=np.ones(4),
+                     float16_copy=np.empty(values.shape, np.int16))
         first_max_positions(values.numpy(), torch.ones(3), torch.tensor(0.0))
         count_over(values, 0.5)
     for fmap in (torch.ones(1, 3, 4, 4), torch.ones(1, 4, 4, 3).permute(0, 3, 1, 2)):

@@ -210,6 +210,11 @@ class _FusedLayerStats(LayerStats):
     def largest_magnitude(self) -> float:
         return self._fused.largest_magnitude
 
+    @property
+    def copied_float16(self) -> bool:
+        """Whether the kernels also wrote the map's float16 copy (see :meth:`StatisticsReduce.batch`)."""
+        return self._fused.copied_float16
+
     def _numbers(self) -> _Numbers:  # read from the kernels' arrays: no tensor is made
         array = self._fused.array
         return _Numbers(array('max_abs'), array('minimum'), array('maximum'), array('token_norms'),
@@ -399,10 +404,11 @@ def _flag_bounds(thresholds: Optional[Thresholds]) -> Optional[np.ndarray]:
 
 def _fused_stats(array: np.ndarray, prefix: Optional[torch.Tensor], top_k: int,
                  position_floor: Optional[torch.Tensor], thresholds: Optional[Thresholds],
-                 bounds: Optional[np.ndarray]) -> Optional[LayerStats]:
+                 bounds: Optional[np.ndarray], float16_copy: Optional[np.ndarray] = None) -> Optional[LayerStats]:
     """layer_stats of a (C, H, W) map by the fused kernels, or None where they cannot take its layout;
-    ``bounds``: :func:`_flag_bounds` of ``thresholds`` (a batch's callers make it once)."""
-    fused = reduce_array(array, top_k, _SUN_BAR, flag_bounds=bounds)
+    ``bounds``: :func:`_flag_bounds` of ``thresholds`` (a batch's callers make it once); ``float16_copy``: see
+    :func:`t2t_viz.kernels.reduce_array`."""
+    fused = reduce_array(array, top_k, _SUN_BAR, flag_bounds=bounds, float16_copy=float16_copy)
     if fused is None:
         return None
     positions = None if position_floor is None else first_max_positions(array, fused.maximum, position_floor)
@@ -444,7 +450,10 @@ def _torch_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor], top_k: int,
 class StatisticsReduce:
     """:func:`layer_stats` as a capture's ``reduce``, per image (``__call__``) or for the images of a batch at
     once (``batch``): a float32 CPU batch goes to NumPy once, where a tensor made for each image (and read
-    again) cost a capture hook microseconds on caches the forward pass has just evicted."""
+    again) cost a capture hook microseconds on caches the forward pass has just evicted. The batch's kernels
+    can also write the maps' float16 display copies as they read them (``writes_float16``)."""
+
+    writes_float16 = True
 
     def __init__(self, top_k: int = TOP_K, position_floor: Optional[torch.Tensor] = None,
                  thresholds: Optional[Thresholds] = None):
@@ -454,14 +463,21 @@ class StatisticsReduce:
     def __call__(self, fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None) -> LayerStats:
         return layer_stats(fmap, prefix, self.top_k, self.position_floor, self.thresholds)
 
-    def batch(self, fmaps: torch.Tensor, prefixes: Optional[torch.Tensor] = None) -> List[LayerStats]:
-        """The statistics of each (C, H, W) map of ``fmaps`` (B, C, H, W) and its (P, C) ``prefixes`` (B, P, C)."""
+    def batch(self, fmaps: torch.Tensor, prefixes: Optional[torch.Tensor] = None,
+              float16_copies: Optional[np.ndarray] = None) -> List[LayerStats]:
+        """The statistics of each (C, H, W) map of ``fmaps`` (B, C, H, W) and its (P, C) ``prefixes`` (B, P, C).
+
+        ``float16_copies`` (B, C, H, W) int16: where the kernels can, they write each map's float16 bit
+        patterns into it, clamped to float16's range, in the read that reduces the map (a separate copy of
+        every map cost a ResNet50 pass at 224 about 3 ms in its hooks); an image's ``copied_float16`` says
+        whether they did."""
         arrays = readable(fmaps)
         results = []
         for i in range(fmaps.shape[0]):
             prefix = None if prefixes is None else prefixes[i]
+            copy = None if float16_copies is None else float16_copies[i]
             fused = None if arrays is None else _fused_stats(arrays[i], prefix, self.top_k, self.position_floor,
-                                                             self.thresholds, self._bounds)
+                                                             self.thresholds, self._bounds, copy)
             results.append(_torch_stats(fmaps[i], prefix, self.top_k, self.position_floor) if fused is None else fused)
         return results
 

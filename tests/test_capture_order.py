@@ -3,10 +3,10 @@ import pytest
 import timm
 import torch
 
-from t2t_viz import capture, procedures, zoo
+from t2t_viz import capture, kernels, procedures, zoo
 from t2t_viz.cli import main
 from t2t_viz.pipeline import inspect_images, layer_labels
-from t2t_viz.stats import layer_stats
+from t2t_viz.stats import StatisticsReduce, layer_stats
 
 
 @pytest.mark.parametrize('name, mlp_hidden', [('resnet18', False), ('resnet50', False),
@@ -133,11 +133,12 @@ def test_cli_refuses_the_notebook_procedure_for_other_families(tmp_path, chelsea
         assert error.splitlines()[-1].startswith('error: efficientnet_b0: the paper') and 'Traceback' not in error
 
 
-@pytest.mark.parametrize('reduce', [None, layer_stats])
+@pytest.mark.parametrize('reduce', [None, layer_stats, StatisticsReduce()])
 def test_float16_display_copies_clamp_only_values_beyond_its_range(cloned_outputs, reduce):
     """Kept float16 maps: values past 65504 become +-65504 instead of inf; a map in range is the plain
     conversion; NaN stays NaN beside a clamped infinity. With statistics (as the app captures), their largest
-    |x| decides whether the copy is read again: the same copies either way."""
+    |x| decides whether the copy is read again, or (StatisticsReduce, as the app reduces) the kernels write
+    the copy as they read the map: the same copies every way, in a pass's own buffers and in reused ones."""
     torch.manual_seed(0)
     model = timm.create_model('resnet18', pretrained=False, num_classes=10).eval()
     x = torch.randn(1, 3, 64, 64)
@@ -154,6 +155,8 @@ def test_float16_display_copies_clamp_only_values_beyond_its_range(cloned_output
         model.conv1.weight.copy_(original)
     in_range = {layer.name: layer for layer in capture.run(model, x, dtype=torch.float16, reduce=reduce)[0].layers}
     assert torch.equal(in_range['layer1.0.act1'].fmap, reference['layer1.0.act1'][0].half())
+    written = [getattr(layer.stats, 'copied_float16', False) for run in (layers, in_range) for layer in run.values()]
+    assert all(written) == (isinstance(reduce, StatisticsReduce) and kernels._HARDWARE_FLOAT16)
     mixed = torch.tensor([[[1e6, float('nan'), -1e6]]])
     assert capture._beyond_float16(mixed.half()) and not capture._beyond_float16(torch.tensor([[[65504.0]]]).half())
     assert capture._within_float16([layer_stats(torch.tensor([[[65504.0, -3.0]]]))] * 2)

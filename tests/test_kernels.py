@@ -304,7 +304,7 @@ def test_compiling_once_fills_numba_s_cache_for_later_processes(tmp_path):
     names = {'_reduce', '_bin_shift', '_sun_count', '_channel_major', '_token_major', '_combine', '_median_bits',
              '_histogram', '_find_bin', '_collect', '_top_magnitudes', '_first_maxima', '_count_over',
              '_pool_channels', '_pool_tokens', '_channel_run', '_token_run', '_count_bins', '_pool_channel_run',
-             '_pool_token_run', '_to_float16', '_store', '_run', '_collect_run'}
+             '_pool_token_run', '_to_float16', '_store', '_run', '_collect_run', '_store_float16'}
     assert names <= {name.rsplit('-', 1)[0] for name in cached}, cached
 
 
@@ -372,6 +372,37 @@ def test_float16_conversion_rounds_and_clamps_bit_for_bit_as_pytorch():
         nan = np.isnan(expected)
         np.testing.assert_array_equal(np.isnan(converted.view(np.float16)), nan)
         np.testing.assert_array_equal(converted[~nan], expected.view(np.uint16)[~nan])
+
+
+@pytest.mark.skipif(not kernels._HARDWARE_FLOAT16, reason='the CPU does not convert to float16 itself')
+@pytest.mark.parametrize('parts', [1, 2])
+def test_the_reduction_writes_the_float16_copy_bit_for_bit_as_pytorch_and_its_figures_do_not_change(parts):
+    """ResNet50's conv1 map at 224 (64 x 112 x 112) holding every float16 rounding boundary and random bit
+    patterns (NaNs and infinities among them), reduced with its float16 copy written in the same read: the
+    copy is PyTorch's clamp and conversion, bit for bit, and every figure is the one the reduction gives
+    without a copy. A token-major map's copy is left to PyTorch, untouched."""
+    boundaries = _float16_boundaries()
+    random_bits = np.random.default_rng(1).integers(0, 2**32, 64 * 112 * 112, dtype=np.uint64).astype(np.uint32)
+    values = random_bits.view(np.float32)
+    values[:boundaries.shape[0]] = boundaries
+    array = values.reshape(64, 112, 112)
+    copy = np.full(array.shape, 0x5555, np.int16)
+    bounds = np.array([1e-6, 1e-5, 100.0, 2.0])
+    fused = kernels.reduce_array(array, 5, SUN_BAR, parts, bounds, float16_copy=copy)
+    plain = kernels.reduce_array(array, 5, SUN_BAR, parts, bounds)
+    assert fused.copied_float16 and not plain.copied_float16
+    expected = torch.from_numpy(array).clamp(-capture.FLOAT16_MAX, capture.FLOAT16_MAX).half().numpy()
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(copy.view(np.float16)), nan)
+    np.testing.assert_array_equal(copy[~nan], expected.view(np.int16)[~nan])
+    np.testing.assert_array_equal(fused.floats, plain.floats)
+    np.testing.assert_array_equal(fused.ints, plain.ints)
+    assert fused.flag_lists() == plain.flag_lists()
+    tokens = np.ascontiguousarray(array.reshape(64, -1).T).T.reshape(array.shape)  # the same map, token-major
+    untouched = np.full(array.shape, 0x5555, np.int16)
+    token_major = kernels.reduce_array(tokens, 5, SUN_BAR, parts, bounds, float16_copy=untouched)
+    assert not token_major.copied_float16 and (untouched == 0x5555).all()
+    np.testing.assert_array_equal(token_major.array('median_abs'), fused.array('median_abs'))
 
 
 @pytest.mark.parametrize('layout', ['channel_major', 'token_major'])
