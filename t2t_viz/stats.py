@@ -658,10 +658,13 @@ def _flag_ids(numbers: _Numbers, thresholds: Thresholds, high_norm_bar: float
 
 def write_csv(rows: Iterable[Dict[str, object]], out: TextIO, columns: Sequence[str] = CSV_COLUMNS,
               header: bool = True) -> None:
-    writer = csv.DictWriter(out, fieldnames=list(columns), lineterminator='\n')
+    """Each row's values of ``columns``, in their order (a missing one empty; other keys are not written).
+    A plain writer: ``csv.DictWriter`` checks every row's keys against the columns, which cost the stats CLI
+    a quarter of a millisecond per image of a ResNet50."""
+    writer = csv.writer(out, lineterminator='\n')
     if header:
-        writer.writeheader()
-    writer.writerows(rows)
+        writer.writerow(columns)
+    writer.writerows([row.get(column, '') for column in columns] for row in rows)
 
 
 def csv_text(rows: Iterable[Dict[str, object]], columns: Sequence[str] = CSV_COLUMNS) -> str:
