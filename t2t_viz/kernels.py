@@ -19,9 +19,7 @@ cut in two) were barely faster than one thread in the hooks of a ResNet50 pass (
 first pass at 224), runs of whole channels 1.5 times faster (3.0 ms). Per-channel sums stay within one run
 in channel-major maps; token sums of squares (and token-major maps' channel sums) add the runs' sums in
 run order, so a thread count always gives the same figures, and one thread the figures of a plain loop.
-Maps of fewer than 200,000 values are reduced on the calling thread alone, without starting the others:
-in the hooks of a ResNet50 pass at 224 that saved 0.4 ms against spreading every map (0.24 ms at 100,000;
-at 400,000 it cost 1.7 ms more).
+A single run (one thread, or the token norms' median) is read by the calling thread without starting numba's.
 
 Order keys: a float32's bit pattern ``b`` read as int32, with ``b ^ ((b >> 31) & 0x7FFFFFFF)``, orders as
 the floats do (NaNs beyond the infinities), so minimum and maximum are integer reductions that the
@@ -45,7 +43,6 @@ _SUBHISTOGRAMS = 4  # independent counters for neighbouring values, so increment
 _COLLECT_BLOCK = 64  # values the median's last pass counts at once before it copies any
 _ZERO_BLOCK = 8  # values the median's histogram checks for all zeros at once (see _count_bins)
 _DIRECT_SELECTION = 8192  # up to this many values, a median is selected among copies of them all
-_SPREAD_FROM = 200_000  # maps of fewer values are reduced on one thread (see reduce_array)
 _POSITIVE_INFINITY_KEY = 0x7F800000
 _NEGATIVE_INFINITY_KEY = -0x7F800001  # the order key of -inf
 _POSITIVE_INFINITY_BITS = 0x7F800000
@@ -845,8 +842,8 @@ def reduce_array(array: np.ndarray, top_k: int, sun_bar: Tuple[float, float], pa
     bounds = _NO_BOUNDS if flag_bounds is None else flag_bounds
     copy = float16_copy is not None and _HARDWARE_FLOAT16 and not token_major
     half = float16_copy.reshape(array.shape) if copy else _NO_COPY
-    threads = _parts(parts) if parts or array.size >= _SPREAD_FROM else 1
-    _reduce(array, token_major, float(sun_bar[0]), float(sun_bar[1]), bounds, floats, ints, flags, half, threads)
+    _reduce(array, token_major, float(sun_bar[0]), float(sun_bar[1]), bounds, floats, ints, flags, half,
+            _parts(parts))
     return FusedReduction(floats, ints, channels, tokens, flags, copy)
 
 
