@@ -406,16 +406,20 @@ def test_display_copies_reuse_their_memory_without_faulting_it_in_again():
 
 @pytest.mark.parametrize('name', ['resnet18', 't2t_vit_7'])  # channel-major maps; token-major, with a class token
 def test_each_image_of_a_batch_gets_the_statistics_of_its_own_pass(chelsea, name):
-    """Two photos in one pass, the statistics of the batch reduced at once (StatisticsReduce.batch): every
-    layer's figures of each photo equal those of a pass of that photo alone (to the last few bits, which a
-    batch of two changes in the forward's own arithmetic), and the two photos' figures differ."""
+    """Two photos in one pass, the statistics of the batch reduced at once (StatisticsReduce.batch), with the
+    app's float16 display copies (written by the kernels as they read a CNN's maps): every layer's figures
+    and copy of each photo equal those of a pass of that photo alone (to the last few bits, which a batch of
+    two changes in the forward's own arithmetic), and the two photos' figures differ."""
     from skimage import data
     torch.manual_seed(0)
     loaded = _loaded(name, timm.create_model(name).eval())
     thresholds = Thresholds(massive_factor=20.0)
-    both = inspect_images(loaded, [chelsea, Image.fromarray(data.coffee())], thresholds)
+    app = {'dtype': torch.float16, 'max_side': 128}
+    both = inspect_images(loaded, [chelsea, Image.fromarray(data.coffee())], thresholds, **app)
     for photo, result in zip((chelsea, Image.fromarray(data.coffee())), both):
-        alone = inspect_images(loaded, [photo], thresholds)[0]
+        alone = inspect_images(loaded, [photo], thresholds, **app)[0]
+        for mine, theirs in zip(result.capture.layers, alone.capture.layers):
+            torch.testing.assert_close(mine.fmap.float(), theirs.fmap.float(), rtol=2e-3, atol=2e-3)
         for mine, theirs in zip(result.summaries, alone.summaries):
             assert (mine.dead_ids, mine.flat_ids, mine.massive_ids) == \
                 (theirs.dead_ids, theirs.flat_ids, theirs.massive_ids), mine.name
