@@ -32,7 +32,6 @@ def _fused_parts(fmap: torch.Tensor, reduced: kernels.FusedReduction) -> Dict[st
     channels, tokens = values.shape
     key_max, key_min = (np.empty(channels, np.int32) for _ in range(2))
     sums, squares = np.empty(channels), np.empty(tokens)
-    first_pass = kernels._token_major if token_major else kernels._channel_major
     figures = np.empty((3, channels), np.int32)
     top = np.empty(stats.TOP_K, np.float32), np.empty(stats.TOP_K, np.int64), np.empty(stats.TOP_K, np.int64)
     np.copyto(figures[2], reduced.max_abs.numpy().view(np.int32))
@@ -40,7 +39,10 @@ def _fused_parts(fmap: torch.Tensor, reduced: kernels.FusedReduction) -> Dict[st
     parts = kernels._parts()  # runs of the map over threads, as reduce_map cuts it
 
     def one_pass() -> int:
-        return first_pass(array, bits, key_max, key_min, sums, squares, parts)
+        if token_major:
+            return kernels._token_major(array, bits, key_max, key_min, sums, squares, parts)
+        # without the float16 display copy, which only the app's call asks for
+        return kernels._channel_major(array, bits, key_max, key_min, sums, squares, kernels._NO_COPY, parts)
 
     flat_bits, rank = bits.reshape(-1), (bits.size + 1) // 2
     shift = kernels._bin_shift(bits.size)

@@ -19,7 +19,7 @@ import re
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -192,8 +192,9 @@ class Recorder:
         self._float16_writers = {name for name, each in reducers.items()
                                  if dtype is torch.float16 and keep_maps and getattr(each, 'writes_float16', False)}
         self.progress, self.stop_after = progress, stop_after
-        self.outputs: List[Tuple[Point, Tuple[int, int, int], Optional[torch.Tensor], List[Any]]] = []
-        self._last: Optional[Tuple[weakref.ref, List[Any], Optional[torch.Tensor]]] = None  # output, reduced, kept
+        # a kept copy is a tensor, or a room whose tensor is made after the pass; _last: output, reduction, copy
+        self.outputs: List[Tuple[Point, Tuple[int, int, int], Union[torch.Tensor, _Room, None], List[Any]]] = []
+        self._last: Optional[Tuple[weakref.ref, List[Any], Union[torch.Tensor, _Room, None]]] = None
         self.copied = 0  # values copied so far in this pass
         self._copy_elements = copy_elements
         self._copies: Optional[torch.Tensor] = None  # (copy_elements,) the pass's one buffer, made at the first copy

@@ -469,7 +469,7 @@ class StatisticsReduce:
 
         ``float16_copies`` (B, C, H, W) int16: where the kernels can, they write each map's float16 bit
         patterns into it, clamped to float16's range, in the read that reduces the map (a separate copy of
-        every map cost a ResNet50 pass at 224 about 3 ms in its hooks); an image's ``copied_float16`` says
+        every map cost a ResNet50 pass at 224 3-4 ms in its hooks); an image's ``copied_float16`` says
         whether they did."""
         arrays = readable(fmaps)
         results = []
@@ -660,7 +660,7 @@ def write_csv(rows: Iterable[Dict[str, object]], out: TextIO, columns: Sequence[
               header: bool = True) -> None:
     """Each row's values of ``columns``, in their order (a missing one empty; other keys are not written).
     A plain writer: ``csv.DictWriter`` checks every row's keys against the columns, which cost the stats CLI
-    a quarter of a millisecond per image of a ResNet50."""
+    0.2 ms per image of a ResNet50."""
     writer = csv.writer(out, lineterminator='\n')
     if header:
         writer.writerow(columns)
