@@ -389,10 +389,7 @@ def layer_stats(fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None, top_k
     fused kernels then find in the same call. Tensor operations only, so it also runs shape-only on the
     meta device. The results are small and on the CPU.
     """
-    array = readable(fmap)  # float32 CPU maps only
-    fused = None if array is None else _fused_stats(array, prefix, top_k, position_floor, thresholds,
-                                                    _flag_bounds(thresholds))
-    return _torch_stats(fmap, prefix, top_k, position_floor) if fused is None else fused
+    return StatisticsReduce(top_k, position_floor, thresholds)(fmap, prefix)
 
 
 def _flag_bounds(thresholds: Optional[Thresholds]) -> Optional[np.ndarray]:
@@ -461,7 +458,7 @@ class StatisticsReduce:
         self._bounds = _flag_bounds(thresholds)
 
     def __call__(self, fmap: torch.Tensor, prefix: Optional[torch.Tensor] = None) -> LayerStats:
-        return layer_stats(fmap, prefix, self.top_k, self.position_floor, self.thresholds)
+        return self.batch(fmap[None], None if prefix is None else prefix[None])[0]  # a batch of one
 
     def batch(self, fmaps: torch.Tensor, prefixes: Optional[torch.Tensor] = None,
               float16_copies: Optional[np.ndarray] = None) -> List[LayerStats]:
@@ -471,7 +468,7 @@ class StatisticsReduce:
         patterns into it, clamped to float16's range, in the read that reduces the map (a separate copy of
         every map cost a ResNet50 pass at 224 3-4 ms in its hooks); an image's ``copied_float16`` says
         whether they did."""
-        arrays = readable(fmaps)
+        arrays = readable(fmaps)  # float32 CPU maps only; else PyTorch's reductions, one statistic at a time
         results = []
         for i in range(fmaps.shape[0]):
             prefix = None if prefixes is None else prefixes[i]
