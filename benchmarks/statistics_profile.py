@@ -45,12 +45,11 @@ def _fused_parts(fmap: torch.Tensor, reduced: kernels.FusedReduction) -> Dict[st
         return kernels._channel_major(array, bits, key_max, key_min, sums, squares, kernels._NO_COPY, parts)
 
     flat_bits, rank = bits.reshape(-1), (bits.size + 1) // 2
-    shift = kernels._bin_shift(bits.size)
     zeros = one_pass()  # the median's passes run only when zeros are not half of the map
     return {
         'one pass: channels, norms, zeros': one_pass,
-        'median |x|: histogram, selection':
-            lambda: zeros < rank and kernels._median_bits(flat_bits, rank, shift, parts),
+        'median |x|: bracket or histogram, selection':
+            lambda: kernels._median_bits(flat_bits, rank, zeros, parts),
         'top activations': lambda: kernels._top_magnitudes(array, bits, token_major, figures[2], *top),
         'Sun count': lambda: kernels.count_over(values, threshold),
     }

@@ -159,6 +159,102 @@ def test_runs_of_zeros_in_a_relu_map_of_resnet_conv1_at_224():
     _check(torch.from_numpy(values).t().contiguous().t())  # token-major memory
 
 
+def _median_reference(flat_bits: np.ndarray) -> int:
+    """The lower median of |x| of float32 bit patterns, as a bit pattern: NumPy's selection of all of them."""
+    magnitudes = flat_bits & 0x7FFFFFFF
+    rank = (magnitudes.size + 1) // 2
+    return int(np.partition(magnitudes, rank - 1)[rank - 1])
+
+
+def _conv1_at_1024(zeros: float, seed: int) -> np.ndarray:
+    """ResNet50's conv1 at 1024 as the bits of its (64 x 512 x 512) ReLU map: |N(0, 1)| with runs of exact zeros
+    (either sign) making up about ``zeros`` of it, and a few negative values."""
+    generator = np.random.default_rng(seed)
+    values = np.abs(generator.standard_normal((64, 512 * 512), dtype=np.float32))
+    values[generator.random(values.shape, dtype=np.float32) < zeros] = 0.0
+    values[::5, ::7] *= -1
+    return values.view(np.int32).reshape(-1)
+
+
+@pytest.mark.parametrize('zeros', [0.0, 0.3, 0.499])
+def test_the_median_from_its_bracket_and_from_the_histogram_equal_numpy_s_at_1024(zeros):
+    """A 64 x 512 x 512 map, from no zeros to almost half (a bracket at the low end of the nonzero values), odd
+    and even in size: the bracket holds the median (on AVX-512 CPUs) and both ways give NumPy's, with the map
+    in 1, 2 and 3 runs (uneven on 2 cores)."""
+    for flat_bits in (_conv1_at_1024(zeros, 10), _conv1_at_1024(zeros, 11)[:-7]):
+        expected = _median_reference(flat_bits)
+        zero_count = int(np.count_nonzero(flat_bits & 0x7FFFFFFF == 0))
+        rank = (flat_bits.size + 1) // 2
+        for parts in (1, 2, 3):
+            assert kernels._median_bits(flat_bits, rank, zero_count, parts) == expected
+            assert kernels._histogram_median(flat_bits, rank, kernels._bin_shift(flat_bits.size), parts) == expected
+            if kernels._VECTOR_GATHER:
+                assert kernels._bracketed_median(flat_bits, rank, zero_count, parts) == expected
+
+
+@pytest.mark.skipif(not kernels._VECTOR_GATHER, reason='the bracket is gathered with AVX-512 only')
+@pytest.mark.parametrize('size', [kernels._BRACKET_FROM, (1 << 18) + 13, 64 * 512 * 512 + 5])
+def test_the_bracket_s_pass_counts_and_gathers_every_value_once(size):
+    """Sizes that are not a multiple of the 16 values gathered at once, cut into runs: the values below the
+    bracket counted and those in it gathered in memory order, as NumPy finds them, including both ends,
+    infinities and NaN (whose patterns order above every number's)."""
+    generator = np.random.default_rng(size)
+    values = generator.standard_normal(size, dtype=np.float32)
+    values[generator.integers(0, size, 50)] = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0], np.float32).repeat(10)
+    ends = np.array([0.5, -0.52, -0.5], np.float32)  # the bracket's ends, at the runs' outer edges
+    values[:3], values[-3:] = ends, ends[::-1]
+    flat_bits = values.view(np.int32)
+    magnitudes = flat_bits & 0x7FFFFFFF
+    low, high = np.float32(0.5).view(np.int32), np.float32(0.52).view(np.int32)
+    expected = magnitudes[(magnitudes >= low) & (magnitudes <= high)]
+    room = expected.size + 1024
+    for parts in (1, 2, 3):
+        gathered = np.empty((parts, room + 2 * kernels._GATHER_LANES), np.int32)
+        found, below = np.empty(parts, np.int64), np.empty(parts, np.int64)
+        kernels._gather_runs(flat_bits, low, np.int32(high - low), gathered, room, found, below)
+        assert below.sum() == np.count_nonzero(magnitudes < low)
+        np.testing.assert_array_equal(np.concatenate([row[:n] for row, n in zip(gathered, found)]), expected)
+        assert kernels._gather(flat_bits, low, np.int32(high - low), gathered[0], expected.size - 1) == (-1, 0)
+
+
+def test_the_selection_in_the_bracket_finds_every_rank_at_its_bins_edges():
+    """Bit patterns gathered in two runs, each of 2,048 patterns of the bracket once and some of them again:
+    with bins of two patterns, ranks fall on the first and the last value of a bin; every rank is the sorted
+    values' own, also with an open-ended bracket (high = the largest int32, bins of 2**21 patterns)."""
+    low = np.int32(np.float32(0.25).view(np.int32))
+    patterns = low + np.arange(2048, dtype=np.int32)
+    values = np.concatenate([patterns, patterns[::3], patterns[1::7]])
+    np.random.default_rng(14).shuffle(values)
+    gathered = np.zeros((2, values.size), np.int32)
+    found = np.array([values.size // 3, values.size - values.size // 3])
+    gathered[0, :found[0]], gathered[1, :found[1]] = values[:found[0]], values[found[0]:]
+    ordered = np.sort(values)
+    for high in (patterns[-1], np.int32(0x7FFFFFFF)):
+        for rank in range(1, values.size + 1):
+            assert kernels._select_in_bracket(gathered, found, rank, low, high) == ordered[rank - 1]
+
+
+@pytest.mark.skipif(not kernels._VECTOR_GATHER, reason='the bracket is gathered with AVX-512 only')
+def test_where_the_bracket_misses_the_histogram_finds_the_median():
+    """Two maps at 1024 where the bracket cannot serve: every sampled place planted with large values (the
+    bracket lies above the median), and 60% of the values tied at one |x| (more in the bracket than its room);
+    the bracket says so and the median is still NumPy's."""
+    flat_bits = _conv1_at_1024(0.2, 12)
+    size, rank = flat_bits.size, (flat_bits.size + 1) // 2
+    window = size // kernels._sample_count(size)
+    places = np.array([kernels._sampled_place(i, window) for i in range(kernels._sample_count(size))])
+    planted = flat_bits.view(np.float32).copy()
+    planted[places] = np.float32(1e4) + np.arange(places.size, dtype=np.float32)
+    tied = flat_bits.view(np.float32).copy()
+    tied[np.random.default_rng(13).random(size) < 0.6] = np.float32(-0.75)
+    for values in (planted, tied):
+        bits = values.view(np.int32)
+        zeros = int(np.count_nonzero(values == 0))
+        assert kernels._bracketed_median(bits, rank, zeros, 2) == -1
+        assert kernels._median_bits(bits, rank, zeros, 2) == _median_reference(bits)
+    assert planted.view(np.int32)[places].min() > _median_reference(planted.view(np.int32))
+
+
 def test_a_map_of_any_grid_shape_in_either_layout_is_read_in_place():
     """A (C, H, W) map, channel-major or a (H, W, C) token grid's view: the figures of its (C, N) view, bit for
     bit, and its maxima located; a layout that is neither goes to PyTorch."""
@@ -304,7 +400,9 @@ def test_compiling_once_fills_numba_s_cache_for_later_processes(tmp_path):
     names = {'_reduce', '_bin_shift', '_sun_count', '_channel_major', '_token_major', '_combine', '_median_bits',
              '_histogram', '_find_bin', '_collect', '_top_magnitudes', '_first_maxima', '_count_over',
              '_pool_channels', '_pool_tokens', '_channel_run', '_token_run', '_count_bins', '_pool_channel_run',
-             '_pool_token_run', '_to_float16', '_store', '_run', '_collect_run', '_store_float16'}
+             '_pool_token_run', '_to_float16', '_store', '_run', '_collect_run', '_store_float16',
+             '_histogram_median', '_bracketed_median', '_bracket', '_sample_count', '_sampled_place', '_gather_runs',
+             '_gather', '_select_in_bracket'}
     assert names <= {name.rsplit('-', 1)[0] for name in cached}, cached
 
 
