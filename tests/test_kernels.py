@@ -400,7 +400,7 @@ def test_compiling_once_fills_numba_s_cache_for_later_processes(tmp_path):
     names = {'_reduce', '_bin_shift', '_sun_count', '_channel_major', '_token_major', '_combine', '_median_bits',
              '_histogram', '_find_bin', '_collect', '_top_magnitudes', '_first_maxima', '_count_over',
              '_pool_channels', '_pool_tokens', '_channel_run', '_token_run', '_count_bins', '_pool_channel_run',
-             '_pool_token_run', '_to_float16', '_store', '_run', '_collect_run', '_store_float16',
+             '_pool_token_run', '_to_float16', '_store', '_run', '_collect_run', '_float16_of',
              '_histogram_median', '_bracketed_median', '_bracket', '_sample_count', '_sampled_place', '_gather_runs',
              '_gather', '_select_in_bracket'}
     assert names <= {name.rsplit('-', 1)[0] for name in cached}, cached
