@@ -217,6 +217,18 @@ def test_the_bracket_s_pass_counts_and_gathers_every_value_once(size):
         assert kernels._gather(flat_bits, low, np.int32(high - low), gathered[0], expected.size - 1) == (-1, 0)
 
 
+@pytest.mark.parametrize('zero_tokens', [0.45, 0.5, 0.55])
+def test_the_token_norms_median_with_zero_tokens_near_half_of_a_1024_grid(zero_tokens):
+    """ResNet50's conv1 grid at 1024 (512 x 512 tokens, 16 channels): whole tokens zero (a ReLU's dead places)
+    just under, at and over half of them, so that the token norms' median is found in a bracket at the low
+    end of the nonzero norms, or is zero; NumPy's lower median of the kernel's norms either way."""
+    generator = np.random.default_rng(15)
+    values = np.abs(generator.standard_normal((16, 512 * 512), dtype=np.float32))
+    values[:, generator.permutation(values.shape[1])[:int(zero_tokens * values.shape[1])]] = 0.0
+    reduced = _check(torch.from_numpy(values))
+    assert (float(reduced.median_token_norm) == 0.0) == (zero_tokens >= 0.5)
+
+
 def test_the_selection_in_the_bracket_finds_every_rank_at_its_bins_edges():
     """Bit patterns gathered in two runs, each of 2,048 patterns of the bracket once and some of them again:
     with bins of two patterns, ranks fall on the first and the last value of a bin; every rank is the sorted
