@@ -48,7 +48,7 @@ def _fused_parts(fmap: torch.Tensor, reduced: kernels.FusedReduction) -> Dict[st
     zeros = one_pass()  # the median's passes run only when zeros are not half of the map
     return {
         'one pass: channels, norms, zeros': one_pass,
-        'median |x|: bracket or histogram, selection':
+        'median |x|: bracket/histogram':
             lambda: kernels._median_bits(flat_bits, rank, zeros, parts),
         'top activations': lambda: kernels._top_magnitudes(array, bits, token_major, figures[2], *top),
         'Sun count': lambda: kernels.count_over(values, threshold),

@@ -187,11 +187,19 @@ if numba is not None:
 
     # the display copy is written in the statistics' first read where the CPU converts to float16 itself (x86's
     # F16C), which LLVM vectorizes; elsewhere PyTorch copies it
-    _HOST_FEATURES = llvmlite.binding.get_host_cpu_features()
-    _HARDWARE_FLOAT16 = bool(_HOST_FEATURES.get('f16c', False))
+    def _compiles_for(feature: str) -> bool:
+        """Whether numba's code may use the CPU feature (LLVM's name for it): the host's features, unless
+        NUMBA_CPU_NAME or NUMBA_CPU_FEATURES choose another target (a cache made for other machines)."""
+        if numba.config.CPU_FEATURES is not None:
+            return f'+{feature}' in numba.config.CPU_FEATURES.split(',')
+        if numba.config.CPU_NAME not in (None, 'host'):
+            return False
+        return bool(llvmlite.binding.get_host_cpu_features().get(feature, False))
+
+    _HARDWARE_FLOAT16 = _compiles_for('f16c')
     # a large map's median is found in a narrow bracket whose values AVX-512 gathers 16 at a time (its register
     # compress); elsewhere the histogram alone finds it (a gather one value at a time cost more than it saves)
-    _VECTOR_GATHER = bool(_HOST_FEATURES.get('avx512f', False))
+    _VECTOR_GATHER = _compiles_for('avx512f')
 
     @intrinsic
     def _float16_bits(typing_context, value):
@@ -200,7 +208,13 @@ if numba is not None:
             return None
 
         def generate(context, builder, signature, arguments):
-            return builder.bitcast(builder.fptrunc(arguments[0], llvm_ir.HalfType()), llvm_ir.IntType(16))
+            if _HARDWARE_FLOAT16:
+                return builder.bitcast(builder.fptrunc(arguments[0], llvm_ir.HalfType()), llvm_ir.IntType(16))
+            # LLVM would call a runtime function for the conversion, which numba's JIT may not find: the same
+            # rounding in integer arithmetic (compiled, never run: the copy is asked for only with F16C)
+            bits = builder.bitcast(arguments[0], llvm_ir.IntType(32))
+            return context.compile_internal(builder, lambda b: np.int16(_clamped_float16_bits(b)),
+                                            numba.types.int16(numba.types.int32), [bits])
         return numba.types.int16(numba.types.float32), generate
 
     @intrinsic
@@ -318,9 +332,9 @@ def _channel_run(values, bits, key_max, key_min, sums, squares, half):
 @_inlined
 def _channel_row(row, row_bits, squares, half):
     """One channel's order keys' maximum and minimum, sum and zero count, its squares added to ``squares``,
-    and its float16 bit patterns written to ``half`` unless it is None (compiled apart: in the same loop, the
-    copy costs less than a second read of the row, 2.63 against 2.81 ms on one thread for ResNet50's maps at
-    224, and nothing without it)."""
+    and its float16 bit patterns written to ``half`` unless it is None (compiled apart, and inlined: in the
+    same loop, the copy costs less than a second read of the row, 2.75 against 2.83 ms on one thread for
+    ResNet50's maps at 224, and nothing without it: 1.97 against 2.06 ms)."""
     high, low, total, zeros = _MIN_KEY, _MAX_KEY, 0.0, np.int32(0)
     for n in range(row.shape[0]):
         b = row_bits[n]
@@ -871,24 +885,30 @@ def _count_over(flat_bits, threshold_bits):
 
 @_jit
 def _to_float16(values, out):
-    """out (n,) uint16: the float16 bit patterns of float32 ``values`` (n,), rounded to nearest even as
-    PyTorch converts, with magnitudes beyond float16's largest finite value (65504, infinities included)
-    clamped to it; NaN stays NaN. Integer arithmetic only, which the compiler vectorizes."""
+    """out (n,) uint16: the float16 bit patterns of float32 ``values`` (n,), as :func:`_clamped_float16_bits`
+    gives them, which the compiler vectorizes."""
     bits = values.view(np.int32)
     for i in range(bits.shape[0]):
-        b = bits[i]
-        sign = (b >> np.int32(16)) & np.int32(0x8000)
-        magnitude = b & _MAGNITUDE
-        clamped = min(magnitude, _FLOAT16_MAX_BITS)
-        # a normal float16: rebias the exponent (127 -> 15) and round the mantissa's 13 dropped bits to even
-        normal = (clamped - _REBIAS + np.int32(0xFFF) + ((clamped >> np.int32(13)) & np.int32(1))) >> np.int32(13)
-        # a subnormal float16 (|x| < 2**-14): the 24-bit significand shifted into units of 2**-24, rounded to even
-        shift = max(np.int32(14), min(np.int32(126) - (clamped >> np.int32(23)), np.int32(25)))
-        significand = (clamped & np.int32(0x7FFFFF)) | np.int32(0x800000)
-        subnormal = (significand + (np.int32(1) << (shift - np.int32(1))) - np.int32(1)
-                     + ((significand >> shift) & np.int32(1))) >> shift
-        half = normal if clamped >= _FLOAT16_MIN_NORMAL_BITS else subnormal
-        out[i] = np.uint16(sign | (_FLOAT16_NAN if magnitude > np.int32(_POSITIVE_INFINITY_BITS) else half))
+        out[i] = np.uint16(_clamped_float16_bits(bits[i]))
+
+
+@_jit
+def _clamped_float16_bits(b):
+    """The float16 bit pattern (in an int32) of the float32 whose bits are ``b``, rounded to nearest even as
+    PyTorch converts, with magnitudes beyond float16's largest finite value (65504, infinities included)
+    clamped to it; NaN stays NaN. Integer arithmetic only: no CPU support for float16 needed."""
+    sign = (b >> np.int32(16)) & np.int32(0x8000)
+    magnitude = b & _MAGNITUDE
+    clamped = min(magnitude, _FLOAT16_MAX_BITS)
+    # a normal float16: rebias the exponent (127 -> 15) and round the mantissa's 13 dropped bits to even
+    normal = (clamped - _REBIAS + np.int32(0xFFF) + ((clamped >> np.int32(13)) & np.int32(1))) >> np.int32(13)
+    # a subnormal float16 (|x| < 2**-14): the 24-bit significand shifted into units of 2**-24, rounded to even
+    shift = max(np.int32(14), min(np.int32(126) - (clamped >> np.int32(23)), np.int32(25)))
+    significand = (clamped & np.int32(0x7FFFFF)) | np.int32(0x800000)
+    subnormal = (significand + (np.int32(1) << (shift - np.int32(1))) - np.int32(1)
+                 + ((significand >> shift) & np.int32(1))) >> shift
+    half = normal if clamped >= _FLOAT16_MIN_NORMAL_BITS else subnormal
+    return np.int32(sign | (_FLOAT16_NAN if magnitude > np.int32(_POSITIVE_INFINITY_BITS) else half))
 
 
 @_spread

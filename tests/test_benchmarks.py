@@ -55,7 +55,7 @@ def test_capture_overhead_and_stats_throughput():
 
 
 @pytest.mark.parametrize('fused, parts', [
-    ('1', ('one pass: channels, norms, zeros', r'median \|x\|: histogram, selection', 'top activations')),
+    ('1', ('one pass: channels, norms, zeros', r'median \|x\|: bracket/histogram', 'top activations')),
     ('0', ('channel min/max/mean', 'token norms', r'median \|x\|', 'top activations'))])
 def test_statistics_profile(fused, parts, monkeypatch):
     monkeypatch.setenv('T2T_VIZ_FUSED', fused)

@@ -400,6 +400,40 @@ def test_first_max_positions_of_the_channels_that_reach_their_floor(token_major)
     assert torch.equal(everywhere[finite], values.argmax(dim=1)[finite])
 
 
+def test_cpu_features_come_from_numba_s_target_not_only_the_host(monkeypatch):
+    """A cache compiled for other machines (NUMBA_CPU_NAME=generic, or explicit NUMBA_CPU_FEATURES) must not
+    use the host's AVX-512 or F16C: their intrinsics would not compile there."""
+    monkeypatch.setattr(kernels.numba.config, 'CPU_FEATURES', None)
+    monkeypatch.setattr(kernels.numba.config, 'CPU_NAME', 'generic')
+    assert not kernels._compiles_for('avx512f') and not kernels._compiles_for('f16c')
+    monkeypatch.setattr(kernels.numba.config, 'CPU_FEATURES', '+sse2,+f16c,-avx512f')
+    assert kernels._compiles_for('f16c') and not kernels._compiles_for('avx512f')
+    monkeypatch.setattr(kernels.numba.config, 'CPU_FEATURES', None)
+    monkeypatch.setattr(kernels.numba.config, 'CPU_NAME', None)
+    import llvmlite.binding
+    host = llvmlite.binding.get_host_cpu_features()
+    assert kernels._compiles_for('avx512f') == bool(host.get('avx512f', False))
+
+
+def test_kernels_compiled_for_a_generic_x86_cpu_run_without_avx512_or_f16c(tmp_path):
+    """NUMBA_CPU_NAME=generic (a cache for any x86-64, and what a CPU without F16C or AVX-512 gets): every kernel
+    compiles (the float16 conversion would otherwise call a runtime function numba's JIT cannot find, which
+    aborts the process), the median is the histogram's, exact, and PyTorch writes the float16 copies."""
+    code = """
+import numpy as np, torch
+from t2t_viz import kernels
+print(kernels._VECTOR_GATHER, kernels._HARDWARE_FLOAT16, kernels.compile_kernels())
+values = np.abs(np.random.default_rng(16).standard_normal((64, 112 * 112), dtype=np.float32))
+values[:, ::3] = 0.0
+rank = (values.size + 1) // 2
+reduced = kernels.reduce_array(values, 5, (100.0, 1000.0), float16_copy=np.empty(values.shape, np.int16))
+print(reduced.copied_float16, float(reduced.median_abs) == np.partition(values.ravel(), rank - 1)[rank - 1])
+"""
+    env = {**os.environ, 'NUMBA_CACHE_DIR': str(tmp_path), 'NUMBA_CPU_NAME': 'generic'}
+    result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.stdout.split() == ['False', 'False', 'True', 'False', 'True'], result.stderr[-2000:]
+
+
 def test_compiling_once_fills_numba_s_cache_for_later_processes(tmp_path):
     """What `t2t-viz prepare` does at install: every kernel compiled and written to the cache on disk."""
     import subprocess
@@ -413,6 +447,7 @@ def test_compiling_once_fills_numba_s_cache_for_later_processes(tmp_path):
              '_histogram', '_find_bin', '_collect', '_top_magnitudes', '_first_maxima', '_count_over',
              '_pool_channels', '_pool_tokens', '_channel_run', '_token_run', '_count_bins', '_pool_channel_run',
              '_pool_token_run', '_to_float16', '_store', '_run', '_collect_run', '_float16_of',
+             '_clamped_float16_bits',
              '_histogram_median', '_bracketed_median', '_bracket', '_sample_count', '_sampled_place', '_gather_runs',
              '_gather', '_select_in_bracket'}
     assert names <= {name.rsplit('-', 1)[0] for name in cached}, cached
